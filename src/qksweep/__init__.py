@@ -1,0 +1,1 @@
+"""qksweep: sweeps of ViTs and QKFormers on Ray Tune, Optuna and MLflow."""

@@ -1,0 +1,127 @@
+"""The ``qksweep`` command: argument parsing and exit codes over :mod:`qksweep.api`.
+
+Exit codes: 0 success, 1 the job itself failed, 2 bad input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from typing import Callable
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(ValueError):
+    """Bad command-line input (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, like every other bad input
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-s", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. -s optim.lr=3e-4 (repeatable)")
+
+
+def cmd_train(args) -> int:
+    from . import api
+
+    res = api.train(args.config, args.overrides)
+    m = res.metrics
+    print(f"finished: val/top1 {m.get('val/top1', float('nan')):.4f}  epochs {m.get('epoch')}  "
+          f"MLflow run {res.run_id}  checkpoint {res.checkpoint_path}")
+    return EXIT_OK
+
+
+def print_sweep_result(res) -> None:
+    m = res.best_metrics
+    print(f"\nbest trial {res.best_trial_id}: val/top1 {m.get('val/top1', float('nan')):.4f} at epoch {m.get('epoch')}")
+    for k, v in sorted((m.get("searched") or {}).items()):
+        print(f"  {k} = {v}")
+    print(f"  MLflow run {res.best_run_id} (sweep parent {res.parent_run_id})")
+    print(f"browse: qksweep runs --sweep {res.name}   or   mlflow ui --backend-store-uri <tracking.uri>")
+    if res.num_errors:
+        print(f"{res.num_errors} trial(s) errored; see qksweep runs --sweep {res.name}")
+
+
+def cmd_sweep(args) -> int:
+    from . import api
+
+    res = api.sweep(args.config, args.overrides, name=args.name, num_samples=args.num_samples)
+    print_sweep_result(res)
+    return EXIT_OK
+
+
+def cmd_resume(args) -> int:
+    from . import api
+
+    res = api.resume(args.sweep, storage=args.storage)
+    print_sweep_result(res)
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable] = {"train": cmd_train, "sweep": cmd_sweep, "resume": cmd_resume}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qksweep", description="Sweeps of ViTs and QKFormers on Ray Tune + Optuna + ASHA, tracked in MLflow.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="one training run through Ray Train, logged to MLflow")
+    t.add_argument("config", help="YAML config, e.g. configs/digits_qkformer.yaml")
+    _add_overrides(t)
+
+    sw = sub.add_parser("sweep", help="a Tune sweep (Optuna + ASHA), one MLflow child run per trial")
+    sw.add_argument("config")
+    _add_overrides(sw)
+    sw.add_argument("--name", help="sweep name (default: <experiment>-<date>-<time>)")
+    sw.add_argument("--num-samples", type=int, help="number of trials (overrides sweep.num_samples)")
+
+    r = sub.add_parser("resume", help="continue an interrupted sweep where it stopped")
+    r.add_argument("sweep", help="sweep name (under ./qksweep_results) or its directory")
+    r.add_argument("--storage", help="the run.storage the sweep used (default ./qksweep_results)")
+    return p
+
+
+def _bad_input_types() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
+    from .trainables.checkpoint import CheckpointError
+
+    return (ConfigError, CheckpointError, UsageError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("QKSWEEP_DEBUG") == "1"
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("qksweep: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
+        from .trainables.launcher import JobFailed
+
+        if debug:
+            traceback.print_exc()
+        if isinstance(e, _bad_input_types()):
+            print(f"qksweep: error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if isinstance(e, JobFailed):
+            print(f"qksweep: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"qksweep: unexpected error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""The config schema (DESIGN.md), YAML loading, dotted ``-s key=value`` overrides and validation.
+
+Every error is a :class:`ConfigError` whose message is one line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """Bad user input: the CLI prints ``str(err)`` as one line and exits 2."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+PositiveInt = Field(gt=0)
+
+
+class ModelConfig(_Section):
+    name: str = "qkformer_cifar"
+    embed_dim: int | None = Field(default=None, gt=0)
+    num_heads: int | None = Field(default=None, gt=0)
+    depth: int | None = Field(default=None, gt=0)
+    patch_size: int | None = Field(default=None, gt=0)
+    mlp_ratio: float | None = Field(default=None, gt=0)
+    time_steps: int | None = Field(default=None, gt=0)
+    drop_path: float = Field(default=0.0, ge=0, lt=1)
+    drop_rate: float = Field(default=0.0, ge=0, lt=1)
+    qka_type: Literal["token", "channel"] | None = None
+    pretrained: bool = False
+
+    def overrides(self) -> dict[str, Any]:
+        """The keyword overrides passed to ``models.create_model`` (None values dropped)."""
+        out = self.model_dump(exclude={"name"})
+        if not out["pretrained"]:
+            out.pop("pretrained")
+        for key in ("drop_path", "drop_rate"):
+            if out[key] == 0.0:
+                out.pop(key)
+        return {k: v for k, v in out.items() if v is not None}
+
+
+class DataConfig(_Section):
+    name: str = "digits"
+    root: str | None = None
+    img_size: int = Field(default=32, gt=0)
+    batch_size: int = Field(default=64, gt=0)
+    eval_batch_size: int | None = Field(default=None, gt=0)
+    num_workers: int = Field(default=0, ge=0)
+    download: bool = False
+    aa: str | None = None
+    reprob: float = Field(default=0.0, ge=0, le=1)
+    remode: Literal["pixel", "const", "rand"] = "pixel"
+    hflip: float = Field(default=0.5, ge=0, le=1)
+    color_jitter: float | None = Field(default=None, ge=0)
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    val_fraction: float = Field(default=0.2, gt=0, lt=1)
+    num_classes: int | None = Field(default=None, gt=1)
+    train_size: int | None = Field(default=None, gt=0)
+    val_size: int | None = Field(default=None, gt=0)
+
+
+class OptimConfig(_Section):
+    name: str = "adamw"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    epochs: int = Field(default=20, gt=0)
+    warmup_epochs: int = Field(default=1, ge=0)
+    warmup_lr: float = Field(default=1e-6, ge=0)
+    sched: str = "cosine"
+    min_lr: float = Field(default=1e-5, ge=0)
+    smoothing: float = Field(default=0.1, ge=0, lt=1)
+    mixup: float = Field(default=0.0, ge=0)
+    cutmix: float = Field(default=0.0, ge=0)
+    mixup_prob: float = Field(default=1.0, ge=0, le=1)
+    mixup_switch_prob: float = Field(default=0.5, ge=0, le=1)
+    amp: bool = False
+    grad_accum: int = Field(default=1, gt=0)
+    clip_grad: float | None = Field(default=None, gt=0)
+    ema: bool = False
+    ema_decay: float = Field(default=0.9998, gt=0, lt=1)
+    layer_decay: float | None = Field(default=None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "OptimConfig":
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise ValueError(
+                f"optim.warmup_epochs={self.warmup_epochs} must be smaller than optim.epochs={self.epochs}"
+            )
+        return self
+
+
+class RunConfig(_Section):
+    workers: int = Field(default=1, gt=0)
+    gpus_per_worker: float = Field(default=0, ge=0)
+    cpus_per_worker: float = Field(default=1, gt=0)
+    seed: int = 42
+    max_failures: int = Field(default=2, ge=-1)
+    storage: str = "./qksweep_results"
+    name: str | None = None
+    keep_checkpoints: int = Field(default=2, gt=0)
+
+
+class TrackingConfig(_Section):
+    uri: str = "sqlite:///mlflow.db"
+    enabled: bool = True
+
+
+class SpectralConfig(_Section):
+    enabled: bool = True
+    every: int = Field(default=100, gt=0)
+    topk: int = Field(default=8, gt=0)
+    interval: int = Field(default=2, gt=0)
+    targets: list[str] | None = None
+    on_cpu: bool = False
+    split_qkv: bool = False
+
+
+class SearcherConfig(_Section):
+    name: Literal["optuna", "random"] = "optuna"
+    sampler: Literal["tpe", "random", "cmaes", "gp", "nsga2"] = "tpe"
+    seed: int = 0
+
+
+class SchedulerConfig(_Section):
+    name: Literal["asha", "none", "hyperband", "median"] = "asha"
+    grace_period: int = Field(default=1, gt=0)
+    reduction_factor: float = Field(default=3, gt=1)
+    max_t: int | None = Field(default=None, gt=0)
+
+
+class SweepConfig(_Section):
+    metric: Union[str, list[str]] = "val/top1"
+    mode: Union[Literal["max", "min"], list[Literal["max", "min"]]] = "max"
+    num_samples: int = Field(default=12, gt=0)
+    max_concurrent: int | None = Field(default=None, gt=0)
+    searcher: SearcherConfig = Field(default_factory=SearcherConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    space: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _objectives_match(self) -> "SweepConfig":
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        modes = self.mode if isinstance(self.mode, list) else [self.mode]
+        if len(metrics) != len(modes):
+            raise ValueError(
+                f"sweep.metric has {len(metrics)} entries but sweep.mode has {len(modes)}: give one mode per metric"
+            )
+        if not metrics:
+            raise ValueError("sweep.metric is empty: name at least one metric, e.g. val/top1")
+        return self
+
+    @property
+    def metrics(self) -> list[str]:
+        return self.metric if isinstance(self.metric, list) else [self.metric]
+
+    @property
+    def modes(self) -> list[str]:
+        return self.mode if isinstance(self.mode, list) else [self.mode]
+
+
+class Config(_Section):
+    experiment: str = "qksweep"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    spectral: SpectralConfig = Field(default_factory=SpectralConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_name(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("experiment must be a non-empty name")
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------- keys and close matches
+
+
+def _known_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        full = f"{prefix}{name}"
+        keys.append(full)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, full + "."))
+    return keys
+
+
+KNOWN_KEYS = _known_keys()
+
+
+def suggest(word: str, choices: list[str]) -> str:
+    """' (did you mean X?)' for the closest choice, or ''."""
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int) or True)
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"config: unknown key '{loc}'{suggest(loc, KNOWN_KEYS)}"
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+        return f"config: {msg}" if not loc else f"config: {loc}: {msg}"
+    value = first.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "a mapping"
+    return f"config: {loc}: {msg} (got {shown})"
+
+
+# ---------------------------------------------------------------- overrides
+
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_/]+)*$")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'optim.lr=3e-4'`` → ``('optim.lr', 0.0003)``. Values are read as YAML (lists, bools, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' has no '=': write it as -s key=value, e.g. -s optim.lr=3e-4")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or not _KEY_RE.match(key):
+        raise ConfigError(f"override '{text}': '{key}' is not a dotted config key such as optim.lr")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"override '{text}': value is not valid YAML ({first})") from None
+    # YAML reads 1e-3 as a string (it wants 1.0e-3); numbers are what people mean here.
+    if isinstance(value, str):
+        try:
+            value = float(value) if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value) else value
+        except ValueError:
+            pass
+    return key, value
+
+
+def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key in a nested dict. Inside ``sweep.space`` the rest of the key is one name."""
+    parts = key.split(".")
+    if parts[:2] == ["sweep", "space"] and len(parts) > 2:
+        parts = parts[:2] + [".".join(parts[2:])]
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"override '{key}': '{where}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _yaml_numbers(obj: Any) -> Any:
+    """YAML 1.1 reads '1e-3' as a string; convert such scientific-notation strings to floats."""
+    if isinstance(obj, dict):
+        return {k: _yaml_numbers(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_yaml_numbers(v) for v in obj]
+    if isinstance(obj, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", obj):
+        return float(obj)
+    return obj
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file '{path}' does not exist: pass a YAML file such as configs/digits_qkformer.yaml")
+    if p.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory: pass a YAML file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file '{path}' cannot be read: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections (model:, data:, ...), not {type(data).__name__}")
+    return _yaml_numbers(data)
+
+
+def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """Validate a raw dict plus ``-s`` overrides into a :class:`Config`, or raise one-line ConfigError."""
+    data = copy.deepcopy(data)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        apply_override(data, key, value)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
+    return cfg
+
+
+def load_config(source: "str | Path | dict[str, Any] | Config", overrides: list[str] | None = None, **kw: Any) -> Config:
+    """A YAML path, a dict or a Config, plus ``-s`` strings and keyword overrides (``optim__lr=1e-3``
+    or ``{'optim.lr': 1e-3}`` style via ``overrides``)."""
+    if isinstance(source, Config):
+        data = source.to_dict()
+    elif isinstance(source, dict):
+        data = source
+    elif isinstance(source, (str, Path)):
+        data = read_yaml(source)
+    else:
+        raise ConfigError(f"config must be a YAML path, a dict or a Config, not {type(source).__name__}")
+    texts = list(overrides or [])
+    for k, v in kw.items():
+        texts.append(f"{k.replace('__', '.')}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}")
+    return build_config(data, texts)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'model': {'embed_dim': 64}}`` → ``{'model.embed_dim': 64}`` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and not (prefix == "sweep." and k == "space"):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def get_dotted(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+# ---------------------------------------------------------------- checks that need the registries
+
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "file")
+
+
+def known_num_classes(data: DataConfig) -> int | None:
+    """Class count where it is known without loading the data (enough for shape checks)."""
+    fixed = {"digits": 10, "cifar10": 10, "cifar100": 100}
+    if data.name in fixed:
+        return fixed[data.name]
+    if data.name == "synthetic":
+        return data.num_classes or 10
+    if data.root and (Path(data.root) / "train").is_dir():
+        return sum(1 for p in (Path(data.root) / "train").iterdir() if p.is_dir()) or None
+    return None
+
+
+def check_tracking_uri(uri: str) -> None:
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise ConfigError(
+            f"tracking.uri '{uri.split('@')[-1]}' has an unsupported scheme: use sqlite:///mlflow.db, "
+            "http://HOST:PORT (an mlflow server) or a database URI such as postgresql://..."
+        )
+    if scheme == "file":
+        raise ConfigError("tracking.uri: MLflow 3 refuses the plain file store; use sqlite:///mlflow.db or an mlflow server")
+
+
+def check_config(cfg: Config) -> Config:
+    """Everything that can be checked before Ray or MLflow is touched: model shapes, data folders,
+    optimizer and scheduler names, the tracking URI."""
+    from timm.optim import list_optimizers
+
+    from .data import DataError, check_data
+    from .models import ModelArgError, check_model_args
+
+    check_tracking_uri(cfg.tracking.uri)
+    try:
+        check_data(cfg.data)
+    except DataError as e:
+        raise ConfigError(f"config: {e}") from None
+    try:
+        check_model_args(cfg.model.name, num_classes=known_num_classes(cfg.data) or 10, in_chans=3,
+                         img_size=cfg.data.img_size, **cfg.model.overrides())
+    except ModelArgError as e:
+        raise ConfigError(f"config: {e}") from None
+    opts = list_optimizers()
+    if cfg.optim.name.lower() not in opts:
+        raise ConfigError(f"config: optim.name '{cfg.optim.name}' is not a timm optimizer{suggest(cfg.optim.name, opts)}")
+    if cfg.optim.sched not in SCHEDULERS:
+        raise ConfigError(f"config: optim.sched '{cfg.optim.sched}' is not one of {', '.join(SCHEDULERS)}{suggest(cfg.optim.sched, list(SCHEDULERS))}")
+    if cfg.optim.layer_decay is not None and not cfg.model.name.startswith("vit_"):
+        raise ConfigError("config: optim.layer_decay needs a model with layer groups (timm ViTs); remove it for SNNs")
+    if (cfg.optim.mixup > 0 or cfg.optim.cutmix > 0) and cfg.data.batch_size % 2:
+        raise ConfigError(f"config: data.batch_size={cfg.data.batch_size} must be even when mixup/cutmix is on")
+    if cfg.run.gpus_per_worker > 0:
+        check_gpus_available(cfg)
+    return cfg
+
+
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "none")
+
+
+def check_gpus_available(cfg: Config) -> None:
+    """GPUs asked for where none exist (locally, with no RAY_ADDRESS) are refused before Ray starts."""
+    import os
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    need = cfg.run.gpus_per_worker * cfg.run.workers
+    if have < need:
+        raise ConfigError(
+            f"config: run.gpus_per_worker={cfg.run.gpus_per_worker} × run.workers={cfg.run.workers} needs {need:g} GPUs "
+            f"but this machine has {have}: set run.gpus_per_worker=0 or submit to a cluster with GPUs"
+        )

@@ -1,0 +1,125 @@
+"""Optuna searcher and Tune schedulers built from ``sweep.searcher`` / ``sweep.scheduler``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule,
+                                 TrialScheduler)
+from ray.tune.search.optuna import OptunaSearch
+
+from ..config import Config, ConfigError
+from ..search_spaces import ParamSpec, make_define_by_run
+
+
+def make_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
+    s = cfg.sweep.searcher
+    multi = len(cfg.sweep.metrics) > 1
+    if s.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True)
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=s.seed)
+    if multi:
+        raise ConfigError(f"sweep.searcher.sampler '{s.sampler}' is single-objective; use tpe or nsga2 with several metrics")
+    if s.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=s.seed, warn_independent_sampling=False)
+    if s.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=s.seed)
+    raise AssertionError(s.sampler)
+
+
+class HonestOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna the truth about early-stopped trials.
+
+    Ray's OptunaSearch reports intermediate values at Tune's ``training_iteration`` and tells a trial
+    that ASHA stopped as COMPLETE with its truncated score, so TPE would treat a 1-epoch score as a
+    finished run's. Here intermediate values are reported at the trial's own ``epoch`` (a restored
+    trial keeps its fidelity), and a trial that ended before ``max_epochs`` without an error is told
+    as PRUNED: TPE then ranks it by its last intermediate value at that step, below the complete ones.
+    """
+
+    def __init__(self, *args, max_epochs: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._max_epochs = max_epochs
+        self._last_epoch: dict[str, int] = {}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        epoch = result.get("epoch")
+        if epoch is not None:
+            self._last_epoch[trial_id] = int(epoch)
+        if isinstance(self.metric, list) or trial_id in self._completed_trials or epoch is None:
+            return
+        ot_trial = self._ot_trials.get(trial_id)
+        value = result.get(self.metric)
+        if ot_trial is None or value is None:
+            return
+        try:
+            ot_trial.report(float(value), int(epoch))
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # a step already reported (restored trial) or a storage that refuses it
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        epoch = int((result or {}).get("epoch", self._last_epoch.get(trial_id, 0)))
+        stopped_early = not error and result is not None and epoch < self._max_epochs
+        ot_trial = self._ot_trials[trial_id]
+        try:
+            ot_trial.set_user_attr("epochs", epoch)
+            ot_trial.set_user_attr("stopped_early", stopped_early)
+            if stopped_early:
+                # Value recorded with its fidelity as a user attr; the state says it did not finish.
+                self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+                self._completed_trials.add(trial_id)
+                return
+        except Exception:  # noqa: BLE001 - fall back to Ray's handling (error, missing value)
+            pass
+        super().on_trial_complete(trial_id, result, error)
+
+    def orphaned_running_trials(self) -> list[int]:
+        """Optuna trials asked for but unknown to Tune (the driver died in between)."""
+        known = {t.number for t in self._ot_trials.values()}
+        return [t.number for t in self._ot_study.get_trials(deepcopy=False)
+                if t.state == optuna.trial.TrialState.RUNNING and t.number not in known]
+
+
+def make_searcher(cfg: Config, specs: list[ParamSpec], storage_url: str | None) -> HonestOptunaSearch:
+    metrics, modes = cfg.sweep.metrics, cfg.sweep.modes
+    storage = optuna.storages.RDBStorage(storage_url) if storage_url else None
+    return HonestOptunaSearch(
+        space=make_define_by_run(specs),
+        metric=metrics if len(metrics) > 1 else metrics[0],
+        mode=modes if len(modes) > 1 else modes[0],
+        sampler=make_sampler(cfg),
+        storage=storage,
+        study_name="qksweep",
+        max_epochs=cfg.optim.epochs,
+    )
+
+
+def make_scheduler(cfg: Config) -> TrialScheduler:
+    s = cfg.sweep.scheduler
+    multi = len(cfg.sweep.metrics) > 1
+    if s.name == "none":
+        return FIFOScheduler()
+    if multi:
+        raise ConfigError(f"sweep.scheduler.name '{s.name}' stops trials on one metric; with several sweep.metric "
+                          "entries set sweep.scheduler.name: none")
+    max_t = s.max_t or cfg.optim.epochs
+    common: dict[str, Any] = dict(time_attr="epoch", metric=cfg.sweep.metrics[0], mode=cfg.sweep.modes[0])
+    if s.grace_period > max_t:
+        raise ConfigError(f"sweep.scheduler.grace_period={s.grace_period} exceeds max_t={max_t} (optim.epochs): lower it")
+    if s.name == "asha":
+        return ASHAScheduler(max_t=max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor, **common)
+    if s.name == "hyperband":
+        return HyperBandScheduler(max_t=max_t, reduction_factor=s.reduction_factor, **common)
+    if s.name == "median":
+        return MedianStoppingRule(grace_period=s.grace_period, min_samples_required=3, **common)
+    raise AssertionError(s.name)
+
+
+def scheduler_label(cfg: Config) -> str:
+    return cfg.sweep.scheduler.name

@@ -1,0 +1,241 @@
+"""Building, running and restoring Tuners: ``qksweep sweep`` and ``qksweep resume``."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import Config, ConfigError, flatten
+from ..search_spaces import ParamSpec, check_space_validity, expand_space, parse_space
+from ..tracking import runs
+from ..trainables.launcher import JobFailed, mask_config, storage_root
+
+STATE_FILE = "qksweep_sweep.json"
+REPORTED_METRICS = ("epoch", "step", "train/loss", "train/top1", "val/loss", "val/top1", "val/top5", "lr",
+                    "samples_per_s", "epoch_time_s", "val_ema/loss", "val_ema/top1", "val_ema/top5")
+
+
+@dataclass
+class SweepResult:
+    name: str
+    best_config: dict[str, Any] | None
+    best_metrics: dict[str, Any]
+    best_trial_id: str | None
+    best_run_id: str | None
+    parent_run_id: str | None
+    trials: Any  # pandas.DataFrame
+    storage_path: str
+    num_errors: int
+
+
+def check_sweep(cfg: Config) -> list[ParamSpec]:
+    """Everything about a sweep that can be refused before Ray starts."""
+    from .searcher import make_sampler, make_scheduler
+
+    if not cfg.sweep.space:
+        raise ConfigError("sweep.space is empty: give at least one key to search, or include a preset (include: qkformer)")
+    specs = parse_space(cfg.sweep.space)
+    for metric in cfg.sweep.metrics:
+        if metric not in REPORTED_METRICS:
+            raise ConfigError(f"sweep.metric '{metric}' is never reported by the training loop; choose one of "
+                              f"{', '.join(m for m in REPORTED_METRICS if '/' in m)}{_suggest(metric)}")
+        if metric.startswith("val_ema/") and not cfg.optim.ema:
+            raise ConfigError(f"sweep.metric '{metric}' needs optim.ema: true")
+    make_scheduler(cfg)
+    make_sampler(cfg)
+    check_space_validity(cfg, specs)
+    return specs
+
+
+def _suggest(metric: str) -> str:
+    from ..config import suggest
+
+    return suggest(metric, list(REPORTED_METRICS))
+
+
+def default_sweep_name(cfg: Config) -> str:
+    return f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def sweep_dir(cfg: Config, name: str) -> Path:
+    root = storage_root(cfg)
+    if "://" in root:
+        raise ConfigError("run.storage as a URI is supported for cluster runs only through `qksweep submit`")
+    return Path(root) / name
+
+
+def max_concurrent(cfg: Config, resources: dict[str, float]) -> int:
+    """How many trials the cluster can actually run at once (no trial waits for workers)."""
+    if cfg.sweep.max_concurrent:
+        return cfg.sweep.max_concurrent
+    per_trial_cpu = cfg.run.workers * cfg.run.cpus_per_worker
+    fits = math.floor(resources.get("CPU", 1) / per_trial_cpu + 1e-9)
+    if cfg.run.gpus_per_worker:
+        fits = min(fits, math.floor(resources.get("GPU", 0) / (cfg.run.workers * cfg.run.gpus_per_worker) + 1e-9))
+    return max(1, min(fits, cfg.sweep.num_samples))
+
+
+def _trainable(base: dict[str, Any], name: str, parent_run_id: str | None):
+    from ray import tune
+
+    from ..trainables.trial import trial_driver
+
+    fn = tune.with_parameters(trial_driver, base=base, sweep=name, parent_run_id=parent_run_id)
+    # The driver only launches and watches the Train run: it needs no CPU of its own.
+    return tune.with_resources(fn, {"cpu": 0})
+
+
+def _parent_run(cfg: Config, name: str) -> str | None:
+    if not cfg.tracking.enabled:
+        return None
+    c = runs.client(cfg.tracking.uri)
+    exp = runs.experiment_id(c, cfg.experiment)
+    d = cfg.to_dict()
+    space = d["sweep"].pop("space")
+    run_id, created = runs.get_or_create_run(c, exp, {runs.KIND: "sweep", runs.SWEEP: name}, run_name=name,
+                                             params=flatten(d))
+    if created:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(mask_config(cfg.to_dict()), sort_keys=False))
+            (Path(tmp) / "search_space.yaml").write_text(yaml.safe_dump(expand_space(space), sort_keys=False))
+            runs.log_artifact_dir(cfg.tracking.uri, run_id, tmp, "")
+    return run_id
+
+
+def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: str | None, state_dir: Path,
+                 concurrency: int):
+    from ray import tune
+
+    from ..tracking.sweep_callback import SweepTracker
+    from .searcher import make_scheduler, make_searcher
+
+    optuna_url = f"sqlite:///{state_dir / 'optuna.db'}"
+    searcher = make_searcher(cfg, specs, optuna_url)
+    callbacks = []
+    if parent_run_id:
+        callbacks.append(SweepTracker(cfg.tracking.uri, cfg.experiment, name, parent_run_id, epochs=cfg.optim.epochs,
+                                      scheduler=cfg.sweep.scheduler.name, optuna_storage=optuna_url))
+    return tune.Tuner(
+        _trainable(cfg.to_dict(), name, parent_run_id),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(cfg), num_samples=cfg.sweep.num_samples,
+                                    max_concurrent_trials=concurrency, reuse_actors=False),
+        run_config=tune.RunConfig(name=name, storage_path=str(state_dir.parent), callbacks=callbacks,
+                                  failure_config=tune.FailureConfig(max_failures=1), verbose=0),
+    )
+
+
+def run_sweep(cfg: Config, *, name: str | None = None) -> SweepResult:
+    from ..cluster.connect import cluster_resources, ensure_ray
+
+    specs = check_sweep(cfg)
+    name = name or default_sweep_name(cfg)
+    state_dir = sweep_dir(cfg, name)
+    if state_dir.exists():
+        raise ConfigError(f"sweep '{name}' already exists at {state_dir}: continue it with `qksweep resume {name}` or pick another --name")
+    ensure_ray()
+    concurrency = max_concurrent(cfg, cluster_resources())
+    parent_run_id = _parent_run(cfg, name)
+    state_dir.mkdir(parents=True)
+    (state_dir / STATE_FILE).write_text(json.dumps({"name": name, "config": cfg.to_dict(), "parent_run_id": parent_run_id,
+                                                    "concurrency": concurrency}, indent=1))
+    print(f"sweep {name}: {cfg.sweep.num_samples} trials, up to {concurrency} at a time, "
+          f"{cfg.sweep.searcher.sampler} + {cfg.sweep.scheduler.name}; storage {state_dir}")
+    tuner = _build_tuner(cfg, name, specs, parent_run_id, state_dir, concurrency)
+    return _fit(tuner, cfg, name, parent_run_id, state_dir)
+
+
+def find_sweep(name_or_path: str, storage: str | None = None) -> Path:
+    p = Path(name_or_path).expanduser()
+    candidates = [p] if (p.is_absolute() or "/" in name_or_path) else [Path(storage or "./qksweep_results") / name_or_path, p]
+    for c in candidates:
+        if (c / STATE_FILE).exists():
+            return c.resolve()
+    root = Path(storage or "./qksweep_results")
+    known = sorted(d.name for d in root.glob("*") if (d / STATE_FILE).exists()) if root.exists() else []
+    from ..config import suggest
+
+    hint = suggest(name_or_path, known) or (f"; known sweeps: {', '.join(known[:8])}" if known else f"; no sweeps under {root}")
+    raise ConfigError(f"no sweep '{name_or_path}' to resume{hint}")
+
+
+def resume_sweep(name_or_path: str, storage: str | None = None) -> SweepResult:
+    from ray import tune
+
+    from ..cluster.connect import ensure_ray
+
+    state_dir = find_sweep(name_or_path, storage)
+    state = json.loads((state_dir / STATE_FILE).read_text())
+    cfg = Config.model_validate(state["config"])
+    name, parent_run_id = state["name"], state["parent_run_id"]
+    if not tune.Tuner.can_restore(str(state_dir)):
+        raise ConfigError(f"sweep '{name}' at {state_dir} has no Tune state to restore (it stopped before its first trial); start it again")
+    ensure_ray()
+    if parent_run_id:
+        c = runs.client(cfg.tracking.uri)
+        runs.retrying(lambda: c.update_run(parent_run_id, status="RUNNING"), what="run reopen")
+    tuner = tune.Tuner.restore(str(state_dir), trainable=_trainable(cfg.to_dict(), name, parent_run_id),
+                               resume_unfinished=True, resume_errored=True)
+    print(f"resuming sweep {name} from {state_dir}")
+    return _fit(tuner, cfg, name, parent_run_id, state_dir)
+
+
+def _fit(tuner, cfg: Config, name: str, parent_run_id: str | None, state_dir: Path) -> SweepResult:
+    c = runs.client(cfg.tracking.uri) if parent_run_id else None
+    try:
+        grid = tuner.fit()
+    except KeyboardInterrupt:
+        if c:
+            runs.finish_run(c, parent_run_id, "KILLED", {"qksweep.stopped_by": "user"})
+        raise
+    result = summarize(grid, cfg, name, parent_run_id, str(state_dir))
+    if c:
+        try:
+            from ..tracking.sweep_plots import write_sweep_artifacts
+            import optuna
+
+            study = optuna.load_study(study_name="qksweep", storage=f"sqlite:///{state_dir / 'optuna.db'}")
+            write_sweep_artifacts(cfg.tracking.uri, parent_run_id, study=study)
+        except ImportError:
+            pass
+        tags = {"qksweep.best_run_id": result.best_run_id or "", "qksweep.best_trial_id": result.best_trial_id or ""}
+        if result.best_metrics:
+            runs.log_metrics(c, parent_run_id, {f"best/{k}": v for k, v in result.best_metrics.items()
+                                                if k in REPORTED_METRICS}, step=0)
+        ok = result.best_trial_id is not None
+        runs.finish_run(c, parent_run_id, "FINISHED" if ok else "FAILED", tags)
+    if result.best_trial_id is None:
+        raise JobFailed(f"sweep {name}: every trial failed ({result.num_errors} errors); see `qksweep runs --sweep {name}`")
+    return result
+
+
+def summarize(grid, cfg: Config, name: str, parent_run_id: str | None, storage_path: str) -> SweepResult:
+    metric, mode = cfg.sweep.metrics[0], cfg.sweep.modes[0]
+    df = grid.get_dataframe()
+    best_config = best_metrics = best_trial = best_run = None
+    try:
+        best = grid.get_best_result(metric=metric, mode=mode, scope="last", filter_nan_and_inf=True)
+    except (RuntimeError, KeyError, ValueError):
+        best = None
+    if best is not None and best.metrics and metric in best.metrics:
+        best_trial = best.metrics.get("trial_id")
+        from ..search_spaces import apply_sample
+
+        best_config = apply_sample(cfg.to_dict(), best.config).to_dict()
+        best_metrics = {k: v for k, v in best.metrics.items() if k in REPORTED_METRICS}
+        best_metrics["searched"] = dict(best.config)
+        if parent_run_id:
+            c = runs.client(cfg.tracking.uri)
+            run = runs.find_run(c, runs.experiment_id(c, cfg.experiment),
+                                {runs.KIND: "trial", runs.SWEEP: name, runs.TRIAL: best_trial})
+            best_run = run.info.run_id if run else None
+    return SweepResult(name=name, best_config=best_config, best_metrics=best_metrics or {}, best_trial_id=best_trial,
+                       best_run_id=best_run, parent_run_id=parent_run_id, trials=df, storage_path=storage_path,
+                       num_errors=grid.num_errors)

@@ -1,0 +1,176 @@
+"""MLflow run lifecycle: one run per ``qksweep train``, a parent per sweep, exactly one child per trial.
+
+Runs are found again by tags (``qksweep.kind``, ``qksweep.sweep``, ``qksweep.trial_id``,
+``qksweep.run_name``) rather than by an in-memory map, so worker restarts, trial retries and a
+restored sweep all land in the run that already exists. Every call goes through :func:`retrying`
+(SQLite locks under concurrent trials, a tracking server that is briefly away).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger("qksweep.tracking")
+T = TypeVar("T")
+
+KIND, SWEEP, TRIAL, RUN_NAME = "qksweep.kind", "qksweep.sweep", "qksweep.trial_id", "qksweep.run_name"
+PARENT = "mlflow.parentRunId"
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+MAX_PARAM_LEN = 6000
+
+_SECRET_URI = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")
+_SECRET_QUERY = re.compile(r"(?i)((?:token|password|passwd|secret|api[_-]?key|access[_-]?key)=)[^&\s]+")
+
+
+def mask_secrets(text: str) -> str:
+    """``postgresql://u:pw@h/db`` → ``postgresql://u:***@h/db``; ``?token=abc`` → ``?token=***``."""
+    if not isinstance(text, str):
+        return text
+    text = _SECRET_URI.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _SECRET_QUERY.sub(r"\1***", text)
+
+
+def retrying(fn: Callable[[], T], *, what: str, attempts: int | None = None, base_delay: float = 0.2,
+             max_delay: float = 5.0) -> T:
+    """Call ``fn`` with bounded exponential back-off; re-raise the last error."""
+    attempts = attempts or int(os.environ.get("QKSWEEP_MLFLOW_RETRIES", "6"))
+    delay = base_delay
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - MLflow raises REST, SQLAlchemy and connection errors
+            if i == attempts - 1 or not _transient(e):
+                raise
+            log.warning("MLflow %s failed (%s); retrying in %.1fs", what, mask_secrets(str(e).splitlines()[0][:200]), delay)
+            time.sleep(delay)
+            delay = min(delay * 2, max_delay)
+    raise AssertionError("unreachable")
+
+
+def _transient(e: Exception) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, MlflowException):
+        code = getattr(e, "error_code", "")
+        msg = str(e).lower()
+        return ("locked" in msg or "connection" in msg or "timed out" in msg or "temporarily" in msg
+                or code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"))
+    return True  # connection errors, OperationalError (database is locked), timeouts
+
+
+def client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(c: MlflowClient, name: str) -> str:
+    def get_or_create() -> str:
+        exp = c.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                c.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        try:
+            return c.create_experiment(name)
+        except Exception:  # created meanwhile by a concurrent trial
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    return retrying(get_or_create, what="experiment lookup")
+
+
+def find_run(c: MlflowClient, exp_id: str, tags: dict[str, str]):
+    filt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = retrying(lambda: c.search_runs([exp_id], filter_string=filt, max_results=2, order_by=["attributes.start_time ASC"]),
+                    what="run lookup")
+    return runs[0] if runs else None
+
+
+def get_or_create_run(c: MlflowClient, exp_id: str, tags: dict[str, str], *, run_name: str | None,
+                      params: dict[str, Any] | None = None) -> tuple[str, bool]:
+    """(run_id, created). Looks the run up by ``tags`` first; creates it with params otherwise."""
+    existing = find_run(c, exp_id, tags)
+    if existing is not None:
+        if existing.info.status != "RUNNING":
+            retrying(lambda: c.update_run(existing.info.run_id, status="RUNNING"), what="run reopen")
+        return existing.info.run_id, False
+    run = retrying(lambda: c.create_run(exp_id, run_name=run_name, tags=tags), what="run creation")
+    if params:
+        log_params(c, run.info.run_id, params)
+    return run.info.run_id, True
+
+
+def log_params(c: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    items = [Param(k, mask_secrets(_param_str(v))[:MAX_PARAM_LEN]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        chunk = items[i : i + MAX_PARAMS_PER_BATCH]
+        retrying(lambda: c.log_batch(run_id, params=chunk), what="param logging")
+
+
+def _param_str(v: Any) -> str:
+    if v is None:
+        return "None"
+    if isinstance(v, (list, dict)):
+        import json
+
+        return json.dumps(v, sort_keys=True)
+    return str(v)
+
+
+def log_metrics(c: MlflowClient, run_id: str, metrics: dict[str, float], step: int, timestamp: int | None = None) -> None:
+    ts = timestamp or int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if _is_number(v)]
+    log_metric_list(c, run_id, items)
+
+
+def log_metric_list(c: MlflowClient, run_id: str, items: list[Metric]) -> None:
+    for i in range(0, len(items), MAX_METRICS_PER_BATCH):
+        chunk = items[i : i + MAX_METRICS_PER_BATCH]
+        retrying(lambda: c.log_batch(run_id, metrics=chunk), what="metric logging")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def set_tags(c: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    items = [RunTag(k, mask_secrets(str(v))[:MAX_PARAM_LEN]) for k, v in tags.items()]
+    retrying(lambda: c.log_batch(run_id, tags=items), what="tag logging")
+
+
+def finish_run(c: MlflowClient, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
+    if tags:
+        set_tags(c, run_id, tags)
+    retrying(lambda: c.set_terminated(run_id, status=status), what="run termination")
+
+
+def log_artifact_dir(uri: str, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
+    c = client(uri)
+    retrying(lambda: c.log_artifacts(run_id, str(local_dir), artifact_path), what="artifact upload")
+
+
+def log_artifact_file(uri: str, run_id: str, local_file: str | Path, artifact_path: str | None = None) -> None:
+    c = client(uri)
+    retrying(lambda: c.log_artifact(run_id, str(local_file), artifact_path), what="artifact upload")
+
+
+def logged_steps(c: MlflowClient, run_id: str, key: str = "epoch") -> set[int]:
+    """Steps already logged for ``key`` (so a restarted run never logs an epoch twice)."""
+    hist = retrying(lambda: c.get_metric_history(run_id, key), what="metric history")
+    return {m.step for m in hist}
+
+
+def iter_metrics(metrics: dict[str, Any]) -> Iterable[tuple[str, float]]:
+    for k, v in metrics.items():
+        if not k.startswith("_") and _is_number(v):
+            yield k, float(v)

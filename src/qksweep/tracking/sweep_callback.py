@@ -1,0 +1,66 @@
+"""A Tune callback (in the sweep driver) that closes trial runs Tune ended and keeps the parent
+run's artifacts current. Trial runs are found by tags, never by an in-memory map, so a restored
+sweep continues the same runs."""
+
+from __future__ import annotations
+
+import logging
+
+from ray.tune import Callback
+
+from . import runs
+
+log = logging.getLogger("qksweep.tracking")
+
+
+class SweepTracker(Callback):
+    def __init__(self, tracking_uri: str, experiment: str, sweep: str, parent_run_id: str, *, epochs: int,
+                 scheduler: str, optuna_storage: str | None):
+        self.uri, self.experiment, self.sweep = tracking_uri, experiment, sweep
+        self.parent_run_id, self.epochs, self.scheduler = parent_run_id, epochs, scheduler
+        self.optuna_storage = optuna_storage
+
+    def _run_id(self, trial_id: str) -> tuple[object, str | None, str | None]:
+        c = runs.client(self.uri)
+        exp = runs.experiment_id(c, self.experiment)
+        run = runs.find_run(c, exp, {runs.KIND: "trial", runs.SWEEP: self.sweep, runs.TRIAL: trial_id})
+        return c, (run.info.run_id if run else None), (run.info.status if run else None)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        epoch = int((trial.last_result or {}).get("epoch", 0))
+        try:
+            c, run_id, status = self._run_id(trial.trial_id)
+            if run_id and status == "RUNNING" and epoch < self.epochs:
+                runs.finish_run(c, run_id, "KILLED", {"qksweep.stopped_by": self.scheduler,
+                                                      "qksweep.stopped_at_epoch": str(epoch)})
+            elif run_id and status == "RUNNING":
+                runs.finish_run(c, run_id, "FINISHED")
+        except Exception as e:  # noqa: BLE001 - tracking trouble must not stop the sweep
+            log.warning("could not close the MLflow run of trial %s: %s", trial.trial_id, runs.mask_secrets(str(e))[:200])
+        self.refresh_parent()
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        try:
+            c, run_id, status = self._run_id(trial.trial_id)
+            if run_id and status == "RUNNING":
+                err = getattr(trial, "error_msg", None) or "trial errored"
+                runs.finish_run(c, run_id, "FAILED", {"qksweep.error": str(err).strip().splitlines()[-1][:500]})
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not close the MLflow run of trial %s: %s", trial.trial_id, runs.mask_secrets(str(e))[:200])
+        self.refresh_parent()
+
+    def refresh_parent(self) -> None:
+        """results.csv and Optuna plots on the parent run, kept current as trials end."""
+        try:
+            from .sweep_plots import write_sweep_artifacts
+        except ImportError:
+            return
+        try:
+            study = None
+            if self.optuna_storage:
+                import optuna
+
+                study = optuna.load_study(study_name="qksweep", storage=self.optuna_storage)
+            write_sweep_artifacts(self.uri, self.parent_run_id, study=study)
+        except Exception as e:  # noqa: BLE001 - plots are a convenience; never fail the sweep for them
+            log.warning("could not refresh the sweep's plots: %s", runs.mask_secrets(str(e))[:200])

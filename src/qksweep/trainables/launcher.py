@@ -1,0 +1,159 @@
+"""The Ray Train launch: a ``TorchTrainer`` over :func:`train_loop`, used by ``qksweep train``,
+by every sweep trial and by ``qksweep continue``."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import Config, flatten
+from ..tracking import runs
+from ..tracking.callback import MLflowEpochLogger
+
+
+class JobFailed(RuntimeError):
+    """The job itself failed (exit code 1)."""
+
+
+def storage_root(cfg: Config) -> str:
+    """Ray Train wants an absolute path or a URI."""
+    s = cfg.run.storage
+    return s if "://" in s else str(Path(s).expanduser().resolve())
+
+
+def run_params(cfg: Config) -> dict[str, Any]:
+    """Flattened config for MLflow params (the sweep section is the parent's business)."""
+    d = cfg.to_dict()
+    d.pop("sweep", None)
+    return flatten(d)
+
+
+def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: list | None = None,
+                 label: str = "", echo: bool = True, extra: dict[str, Any] | None = None):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .loop import train_loop
+
+    gpus = cfg.run.gpus_per_worker
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    if gpus:
+        resources["GPU"] = gpus
+    metric, mode = cfg.sweep.metrics[0], cfg.sweep.modes[0]
+    cbs = list(callbacks or [])
+    if run_id and cfg.tracking.enabled:
+        cbs.insert(0, MLflowEpochLogger(cfg.tracking.uri, run_id, metric=metric, mode=mode,
+                                        epochs=cfg.optim.epochs, label=label, echo=echo))
+    run_config = ray.train.RunConfig(
+        name=run_name,
+        storage_path=storage_root(cfg),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
+                                                     checkpoint_score_attribute=metric,
+                                                     checkpoint_score_order=mode),
+        callbacks=cbs,
+    )
+    loop_config = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": cfg.tracking.uri if run_id else None}
+    loop_config.update(extra or {})
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.workers, use_gpu=gpus > 0,
+                                               resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
+        run_config=run_config,
+    )
+
+
+def log_config_artifact(cfg: Config, run_id: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "config.yaml"
+        p.write_text(yaml.safe_dump(mask_config(cfg.to_dict()), sort_keys=False))
+        runs.log_artifact_file(cfg.tracking.uri, run_id, p)
+
+
+def mask_config(d: dict[str, Any]) -> dict[str, Any]:
+    d = dict(d)
+    if "tracking" in d:
+        d["tracking"] = {**d["tracking"], "uri": runs.mask_secrets(d["tracking"]["uri"])}
+    return d
+
+
+def log_last_checkpoint(cfg: Config, run_id: str, checkpoint) -> None:
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as d:
+        runs.log_artifact_dir(cfg.tracking.uri, run_id, d, "checkpoints/last")
+
+
+@dataclass
+class TrainResult:
+    run_id: str | None
+    run_name: str
+    metrics: dict[str, Any]
+    checkpoint_path: str | None
+    storage_path: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def default_run_name(cfg: Config) -> str:
+    return f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_training(cfg: Config, *, run_name: str | None = None, tags: dict[str, str] | None = None) -> TrainResult:
+    """One ``qksweep train``: an MLflow run with no parent, found again by its run name."""
+    from ..cluster.connect import ensure_ray
+
+    name = run_name or cfg.run.name or default_run_name(cfg)
+    run_id = None
+    c = None
+    if cfg.tracking.enabled:
+        c = runs.client(cfg.tracking.uri)
+        exp = runs.experiment_id(c, cfg.experiment)
+        run_id, created = runs.get_or_create_run(c, exp, {runs.KIND: "train", runs.RUN_NAME: name},
+                                                 run_name=name, params=run_params(cfg))
+        if tags:
+            runs.set_tags(c, run_id, tags)
+        if created:
+            log_config_artifact(cfg, run_id)
+    ensure_ray()
+    trainer = make_trainer(cfg, run_name=name, run_id=run_id)
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:
+        if c:
+            runs.finish_run(c, run_id, "KILLED", {"qksweep.stopped_by": "user"})
+        raise
+    except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; report their first line
+        msg = first_line(e)
+        if c:
+            runs.finish_run(c, run_id, "FAILED", {"qksweep.error": msg})
+        raise JobFailed(f"training failed: {msg}") from e
+    if c:
+        log_last_checkpoint(cfg, run_id, result.checkpoint)
+        from ..tracking.plots import log_learning_curves
+
+        log_learning_curves(cfg.tracking.uri, run_id)
+        runs.finish_run(c, run_id, "FINISHED")
+    metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
+    return TrainResult(run_id=run_id, run_name=name, metrics=metrics,
+                       checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+                       storage_path=str(Path(storage_root(cfg)) / name))
+
+
+def first_line(e: BaseException) -> str:
+    """The innermost error's first line (Ray wraps worker exceptions several times)."""
+    seen = e
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = str(seen).strip() or type(seen).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):  # the last line of a remote traceback holds "ErrType: message"
+        if ":" in ln and not ln.startswith(("File ", "Traceback")):
+            return runs.mask_secrets(ln)[:500]
+    return runs.mask_secrets(lines[0] if lines else type(seen).__name__)[:500]
