@@ -207,6 +207,15 @@ def test_list_trials_without_sweep_includes_train_runs(store):
     assert len(list_trials(uri, experiment=EXPERIMENT)) == 4
 
 
+def test_search_pages_through_results(store, monkeypatch):
+    from qksweep.tracking import browse
+
+    uri, ids, _ = store
+    monkeypatch.setattr(browse, "PAGE", 2)
+    assert list(list_trials(uri)["run_id"]) == [ids["t0"], ids["t1"], ids["t2"], ids["train"]]
+    assert len(list_trials(uri, sweep=SWEEP)) == 3
+
+
 def test_unknown_names_are_one_line_errors(store, tmp_path):
     uri, ids, root = store
     for call in (lambda: list_trials(uri, sweep="nope"), lambda: find_sweep_parent(uri, "nope")):
@@ -264,6 +273,12 @@ def test_list_sweeps_and_results(store):
 
 # ------------------------------------------------------------------ best / export
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def test_best_trial_picks_best_over_epochs(store):
     uri, ids, _ = store
     best = best_trial(uri, SWEEP)
@@ -291,6 +306,7 @@ def test_export_best_writes_loadable_files(store, tmp_path):
     assert metrics["run_id"] == ids["t0"] and metrics["best"] == pytest.approx(0.8)
     assert metrics["final_metrics"]["val/top1"] == pytest.approx(0.7) and metrics["checkpoint_source"] == "checkpoints/best"
     assert sorted(os.listdir(tmp_path)) == ["best"]  # no staging folder left behind
+    assert out.stat().st_mode & 0o755 == 0o755 & ~_umask()  # an ordinary folder, not mkdtemp's 0700
 
     with pytest.raises(ExportError, match="not empty") as e:
         export_best(uri, SWEEP, out)
@@ -315,7 +331,7 @@ def _artifacts(uri: str, run_id: str, path: str | None = None) -> set[str]:
 def test_write_sweep_artifacts_logs_results_and_plots(store, tmp_path):
     uri, ids, _ = store
     study = toy_study(6)
-    logged = write_sweep_artifacts(uri, ids["parent"], study=study)
+    logged = write_sweep_artifacts(uri, ids["parent"], strict=True, study=study)
     pngs = {"optimization_history", "intermediate_values", "param_importances", "parallel_coordinate", "slice"}
     expected = {f"plots/optuna_{n}.png" for n in pngs}
     if have_plotly():
@@ -332,10 +348,10 @@ def test_write_sweep_artifacts_logs_results_and_plots(store, tmp_path):
     # again, with a given table and one more trial: overwritten in place
     study.enqueue_trial({"model.embed_dim": 384, "optim.lr": 1e-3})
     study.optimize(lambda t: t.suggest_categorical("model.embed_dim", [128, 256, 384]) / 1000
-                   + t.suggest_float("optim.lr", 1e-4, 3e-3, log=True), n_trials=1)
+                   + t.suggest_float("optim.lr", 1e-4, 3e-3, log=True) + 1.0, n_trials=1)
     assert len(study.trials) == 7 and study.best_trial.number == 6
     df = list_trials(uri, sweep=SWEEP, sort="best val/top1", limit=2)
-    write_sweep_artifacts(uri, ids["parent"], study=study, trials_df=df)
+    write_sweep_artifacts(uri, ids["parent"], strict=True, study=study, trials_df=df)
     csv = pd.read_csv(c.download_artifacts(ids["parent"], "results.csv", str(tmp_path / "again")))
     assert list(csv["run_id"]) == [ids["t0"], ids["t1"]]
 
@@ -345,22 +361,28 @@ def test_sweep_artifacts_edge_cases(store, caplog):
     import optuna
 
     one = toy_study(1)
-    assert [str(p) for p in write_sweep_artifacts(uri, ids["parent"], study=one)] == ["results.csv"]
+    assert [str(p) for p in write_sweep_artifacts(uri, ids["parent"], strict=True, study=one)] == ["results.csv"]
 
     pareto = toy_study(5, directions=["maximize", "minimize"])
-    logged = {str(p) for p in write_sweep_artifacts(uri, ids["parent"], study=pareto)}
+    logged = {str(p) for p in write_sweep_artifacts(uri, ids["parent"], strict=True, study=pareto)}
     assert "plots/optuna_pareto_front.png" in logged
     assert not any("optimization_history" in p or "slice" in p for p in logged)  # single-objective plots skipped
 
     # one param: no importances or parallel coordinates, and no error
     single = optuna.create_study(direction="minimize", sampler=optuna.samplers.RandomSampler(seed=1))
     single.optimize(lambda t: (t.suggest_float("optim.lr", 1e-4, 1e-2, log=True) - 1e-3) ** 2, n_trials=4)
-    logged = {str(p) for p in write_sweep_artifacts(uri, ids["parent"], study=single, trials_df=list_trials(uri, sweep=SWEEP))}
+    logged = {str(p) for p in write_sweep_artifacts(uri, ids["parent"], strict=True, study=single, trials_df=list_trials(uri, sweep=SWEEP))}
     assert "plots/optuna_slice.png" in logged and "plots/optuna_param_importances.png" not in logged
 
     # a study whose params cannot all be plotted (a constant one): importance skipped with a log line
     const = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=2))
     const.optimize(lambda t: t.suggest_float("a.x", 0, 1) + t.suggest_categorical("a.y", [1]), n_trials=3)
     with caplog.at_level(logging.WARNING, logger="qksweep.tracking"):
-        logged = {str(p) for p in write_sweep_artifacts(uri, ids["parent"], study=const)}
+        logged = {str(p) for p in write_sweep_artifacts(uri, ids["parent"], strict=True, study=const)}
     assert "plots/optuna_optimization_history.png" in logged
+
+    # not strict (how a sweep calls it): a missing parent run is a log line, not an error
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qksweep.tracking"):
+        assert write_sweep_artifacts(uri, "0" * 32, study=toy_study(1)) == []
+    assert "could not log results.csv" in caplog.text

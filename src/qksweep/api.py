@@ -15,8 +15,21 @@ from .trainables.launcher import TrainResult, run_training
 
 
 def resolve(config: "str | Path | dict[str, Any] | Config", overrides: list[str] | None = None, **kw: Any) -> Config:
-    """Load, override and fully check a config (raises ConfigError with one line)."""
-    return check_config(load_config(config, overrides, **kw))
+    """Load, override and fully check a config (raises ConfigError with one line). Relative paths
+    become absolute here, in the driver: Ray workers and Tune trials run in other directories."""
+    return absolute_paths(check_config(load_config(config, overrides, **kw)))
+
+
+def absolute_paths(cfg: Config) -> Config:
+    cfg = cfg.model_copy(deep=True)
+    if cfg.data.root and "://" not in cfg.data.root:
+        cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+    if "://" not in cfg.run.storage:
+        cfg.run.storage = str(Path(cfg.run.storage).expanduser().resolve())
+    uri = cfg.tracking.uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///:memory:":
+        cfg.tracking.uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
+    return cfg
 
 
 def train(config: "str | Path | dict[str, Any] | Config", overrides: list[str] | None = None, **kw: Any) -> TrainResult:

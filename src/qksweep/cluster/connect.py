@@ -21,7 +21,8 @@ def runtime_env() -> dict[str, Any]:
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Connect once per process. Locally: no dashboard (faster start); everything on 127.0.0.1."""
+    """Connect once per process. Locally everything binds 127.0.0.1; the dashboard stays on because
+    Ray Train's placement-group cleaner needs the state API it serves."""
     import ray
 
     for k, v in RAY_ENV.items():
@@ -33,7 +34,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **kwargs)
 
 
 def cluster_resources() -> dict[str, float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -125,6 +126,7 @@ def export_best(uri: str, sweep: str, out_dir: str | Path, *, metric: str | None
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        stage.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the export is an ordinary folder
         _write_config(c, best, stage)
         source = _write_checkpoint(c, rid, stage)
         summary = {k: best[k] for k in ("sweep", "run_id", "trial_id", "experiment_id", "status", "metric", "mode",
@@ -146,6 +148,12 @@ def export_best(uri: str, sweep: str, out_dir: str | Path, *, metric: str | None
         written += sorted(p for p in (out / "checkpoint").rglob("*") if p.is_file())
     written.append(out / "metrics.json")
     return written
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _write_config(c, best: dict[str, Any], stage: Path) -> None:

@@ -51,6 +51,10 @@ def _check_store(uri: str) -> None:
                           "pass the tracking URI your runs used (config `tracking.uri`)")
 
 
+def is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
 def _client(uri: str):
     _check_store(uri)
     return runs.client(uri)
@@ -197,13 +201,13 @@ def best_of(history: list, mode: str) -> tuple[float | None, int | None]:
     return value, min(s for v, s in pts if v == value)
 
 
-def _histories(c, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], list]:
-    """Metric histories of (run_id, key) pairs, a few requests at a time (an HTTP server answers faster)."""
+def _histories(c, pairs: list[tuple[str, str]], parallel: bool = False) -> dict[tuple[str, str], list]:
+    """Metric histories of (run_id, key) pairs; ``parallel``: a few requests at a time (for an HTTP server)."""
     def get(pair):
         rid, key = pair
         return pair, runs.retrying(lambda: c.get_metric_history(rid, key), what="metric history")
 
-    if len(pairs) <= 2:
+    if not parallel or len(pairs) <= 2:
         return dict(map(get, pairs))
     with ThreadPoolExecutor(max_workers=min(8, len(pairs))) as pool:
         return dict(pool.map(get, pairs))
@@ -237,11 +241,12 @@ def list_trials(tracking_uri: str, *, experiment: str | None = None, sweep: str 
     found = trial_runs(c, tracking_uri, exp_ids=exp_ids, sweep=sweep)
     if sweep is not None and not found:
         _find_parent(c, tracking_uri, sweep, exp_ids)  # raises the "no sweep named" error when there is none
-    return trials_frame(c, found, sort=sort, limit=limit, metric=metric, with_kind=sweep is None)
+    return trials_frame(c, found, sort=sort, limit=limit, metric=metric, with_kind=sweep is None,
+                        parallel=is_http(tracking_uri))
 
 
 def trials_frame(c, found: list, *, sort: str | None = None, limit: int | None = None,
-                 metric: str | None = None, with_kind: bool = False) -> pd.DataFrame:
+                 metric: str | None = None, with_kind: bool = False, parallel: bool = False) -> pd.DataFrame:
     """The :func:`list_trials` table of already-searched runs (``with_kind``: add a ``kind`` column)."""
     modes: dict[str, str] = {}
     objective: dict[str, str] = {}
@@ -299,7 +304,7 @@ def trials_frame(c, found: list, *, sort: str | None = None, limit: int | None =
     # best values need one history request per run: fetch only for the rows kept
     ids = set(df["run_id"])
     pairs = [(r.info.run_id, objective[r.info.run_id]) for r in found if r.info.run_id in ids]
-    hist = _histories(c, pairs)
+    hist = _histories(c, pairs, parallel)
     best = {rid: best_of(hist[(rid, m)], modes[m])[0] for rid, m in pairs}
     for m in metric_cols:
         df[f"best {m}"] = [best.get(rid) if objective.get(rid) == m else None for rid in df["run_id"]]

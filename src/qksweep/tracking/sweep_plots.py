@@ -28,30 +28,42 @@ def have_plotly() -> bool:
     return importlib.util.find_spec("plotly") is not None
 
 
-def write_sweep_artifacts(uri: str, parent_run_id: str, study=None, trials_df=None) -> list[PurePosixPath]:
+def write_sweep_artifacts(uri: str, parent_run_id: str, study=None, trials_df=None, *,
+                          strict: bool = False) -> list[PurePosixPath]:
     """Log ``results.csv`` and (given an Optuna ``study``) ``plots/optuna_*.png|html`` to the parent run.
 
     ``trials_df`` defaults to :func:`~qksweep.tracking.browse.list_trials` of the parent's sweep.
-    Returns the artifact paths logged, relative to the parent run's artifact root.
+    Returns the artifact paths logged, relative to the parent run's artifact root. Errors (MLflow
+    away, a broken table) are logged and skipped unless ``strict``: a sweep never fails on its plots.
     """
     logged: list[PurePosixPath] = []
     c = runs.client(uri)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        if trials_df is None:
-            trials_df = _trials_of(c, uri, parent_run_id)
-        if trials_df is not None:
-            csv = root / RESULTS_FILE
-            csv.write_text(browse.format_trials(trials_df, "csv"))
-            runs.log_artifact_file(uri, parent_run_id, csv)
-            logged.append(PurePosixPath(RESULTS_FILE))
+        try:
+            if trials_df is None:
+                trials_df = _trials_of(c, uri, parent_run_id)
+            if trials_df is not None:
+                csv = root / RESULTS_FILE
+                csv.write_text(browse.format_trials(trials_df, "csv"))
+                runs.log_artifact_file(uri, parent_run_id, csv)
+                logged.append(PurePosixPath(RESULTS_FILE))
+        except Exception as e:  # noqa: BLE001
+            if strict:
+                raise
+            log.warning("could not log %s to sweep run %s: %s", RESULTS_FILE, parent_run_id, _first(e))
         if study is not None:
             plots = root / PLOTS_DIR
             plots.mkdir()
-            files = study_plots(study, plots)
-            if files:
-                runs.log_artifact_dir(uri, parent_run_id, plots, PLOTS_DIR)
-                logged += [PurePosixPath(PLOTS_DIR) / f.name for f in files]
+            try:
+                files = study_plots(study, plots)
+                if files:
+                    runs.log_artifact_dir(uri, parent_run_id, plots, PLOTS_DIR)
+                    logged += [PurePosixPath(PLOTS_DIR) / f.name for f in files]
+            except Exception as e:  # noqa: BLE001
+                if strict:
+                    raise
+                log.warning("could not log Optuna plots to sweep run %s: %s", parent_run_id, _first(e))
     return logged
 
 
@@ -62,7 +74,7 @@ def _trials_of(c, uri: str, parent_run_id: str):
         log.warning("run %s is not a sweep parent (no %s tag): no results.csv", parent_run_id, browse.SWEEP)
         return None
     found = browse.trial_runs(c, uri, exp_ids=[parent.info.experiment_id], sweep=sweep)
-    return browse.trials_frame(c, found)
+    return browse.trials_frame(c, found, parallel=browse.is_http(uri))
 
 
 def _usable(study) -> list:
@@ -119,9 +131,9 @@ def _draw(name: str, study, mpl_fn, plotly_fn, out: Path) -> list[Path]:
         try:
             ax = mpl_fn(study)
             fig = _figure(ax)
-            fig.set_size_inches(max(fig.get_size_inches()[0], 7), max(fig.get_size_inches()[1], 4.5))
-            fig.tight_layout()
-            fig.savefig(out / f"{stem}.png", dpi=90)
+            panels = len(fig.axes) - 1 if name == "slice" else 1  # slice: one panel per param + a colorbar
+            fig.set_size_inches(max(7.0, 3.6 * panels + 1.0), 4.8)
+            fig.savefig(out / f"{stem}.png", dpi=90, bbox_inches="tight")
             files.append(out / f"{stem}.png")
         except Exception as e:  # noqa: BLE001 - too few distinct values, importance evaluator errors, ...
             log.warning("skipped Optuna plot %s: %s", name, _first(e))

@@ -57,6 +57,14 @@ def server_command(tracking_uri: str, *, host: str = "127.0.0.1", port: int = 50
     return cmd
 
 
+def server_env() -> dict[str, str]:
+    """This environment, with MLflow's GenAI job executor off unless asked for: browsing runs needs none of
+    it, and it would start about ten more processes (huey consumers) next to the server."""
+    env = dict(os.environ)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return env
+
+
 def start_ui(tracking_uri: str, *, host: str = "127.0.0.1", port: int = 5000, artifacts_destination: str | None = None,
              log_file: str | Path | IO | None = None, workers: int = 1) -> subprocess.Popen | None:
     """Start ``mlflow server`` over ``tracking_uri``; returns its process (None for an http(s) URI).
@@ -83,7 +91,7 @@ def start_ui(tracking_uri: str, *, host: str = "127.0.0.1", port: int = 5000, ar
         out = log_file
     try:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out is not None else None,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True, env=server_env())
     finally:
         if isinstance(log_file, (str, Path)) and out is not None:
             out.close()

@@ -57,6 +57,7 @@ def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: l
                                                      checkpoint_score_attribute=metric,
                                                      checkpoint_score_order=mode),
         callbacks=cbs,
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
     )
     loop_config = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": cfg.tracking.uri if run_id else None}
     loop_config.update(extra or {})

@@ -201,7 +201,15 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 # ---------------------------------------------------------------- the loop
 
 
+def quiet_ray_train_logs() -> None:
+    """Ray Train logs every report in full at INFO (with per-update spectra that is pages per epoch)."""
+    import logging
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
+    quiet_ray_train_logs()
     cfg = Config.model_validate(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -1,0 +1,111 @@
+"""Core training under Ray Train with real MLflow: one run per train, determinism, worker faults,
+restart by run name."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from qksweep import api
+from qksweep.trainables.checkpoint import load_checkpoint
+
+from .conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def _runs(uri: str):
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("test")
+    return c, (c.search_runs([exp.experiment_id]) if exp else [])
+
+
+def test_two_workers_log_one_run_with_epochs_and_checkpoint(ray_session, workdir):
+    cfg = tiny_config(workdir, run={"workers": 2}, spectral={"enabled": True, "every": 10})
+    res = api.train(cfg)
+    c, runs = _runs(cfg["tracking"]["uri"])
+    assert len(runs) == 1 and runs[0].info.run_id == res.run_id
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["qksweep.kind"] == "train"
+    assert run.data.params["model.embed_dim"] == "32" and run.data.params["run.workers"] == "2"
+    for key in ["train/loss", "train/top1", "val/loss", "val/top1", "val/top5", "lr", "samples_per_s", "epoch_time_s"]:
+        hist = c.get_metric_history(res.run_id, key)
+        assert sorted(m.step for m in hist) == [1, 2], key
+    # validation is averaged over both workers' shards: 359 digits → top-1 is k/359
+    top1 = c.get_metric_history(res.run_id, "val/top1")[-1].value
+    assert abs(top1 * 359 - round(top1 * 359)) < 1e-6
+    assert c.get_metric_history(res.run_id, "spec/stage1.0.mlp.fc1/sigma_max"), "spectra logged"
+    arts = {a.path for a in c.list_artifacts(res.run_id)}
+    assert {"config.yaml", "checkpoints", "plots"} <= arts
+    best = {a.path for a in c.list_artifacts(res.run_id, "checkpoints/best")}
+    assert "checkpoints/best/checkpoint.pt" in best
+    state, conf = load_checkpoint(res.checkpoint_path)
+    assert state["epoch"] == 2 and conf["model"]["embed_dim"] == 32
+
+
+def test_same_seed_same_validation_metrics(ray_session, workdir):
+    a = api.train(tiny_config(workdir / "a"))
+    b = api.train(tiny_config(workdir / "b"))
+    for k in ("val/loss", "val/top1", "train/loss"):
+        assert a.metrics[k] == b.metrics[k], k
+
+
+def _kill_worker_when(uri: str, epoch_reached: int, done: dict) -> None:
+    """Fault injection: SIGKILL the Ray Train worker once the run has logged `epoch_reached`."""
+    from ray.util.state import list_actors
+
+    deadline = time.time() + 240
+    c = MlflowClient(uri)
+    while time.time() < deadline and not done.get("killed"):
+        exp = c.get_experiment_by_name("test")
+        runs = c.search_runs([exp.experiment_id]) if exp else []
+        if runs and any(m.step >= epoch_reached for m in c.get_metric_history(runs[0].info.run_id, "epoch")):
+            for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
+                os.kill(a.pid, signal.SIGKILL)
+                done["killed"] = a.pid
+            return
+        time.sleep(0.2)
+
+
+def test_killed_worker_is_replaced_and_resumes_from_checkpoint(ray_session, workdir):
+    cfg = tiny_config(workdir, optim={"epochs": 5})
+    uri = cfg["tracking"]["uri"]
+    done: dict = {}
+    killer = threading.Thread(target=_kill_worker_when, args=(uri, 2, done), daemon=True)
+    killer.start()
+    res = api.train(cfg)
+    killer.join(timeout=5)
+    assert done.get("killed"), "the fault was injected"
+    c, runs = _runs(uri)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in c.get_metric_history(res.run_id, "epoch")]
+    assert sorted(steps) == [1, 2, 3, 4, 5], f"each epoch once: {steps}"
+    assert res.metrics["epoch"] == 5
+
+
+def test_restart_with_same_run_name_continues_from_checkpoint(ray_session, workdir):
+    cfg = tiny_config(workdir, optim={"epochs": 4}, run={"name": "again"})
+    uri = cfg["tracking"]["uri"]
+    # interrupt: stop after 2 of 4 epochs by killing the worker for good (no retries left)
+    cfg_short = tiny_config(workdir, optim={"epochs": 4}, run={"name": "again", "max_failures": 0})
+    done: dict = {}
+    killer = threading.Thread(target=_kill_worker_when, args=(uri, 2, done), daemon=True)
+    killer.start()
+    with pytest.raises(Exception):
+        api.train(cfg_short)
+    killer.join(timeout=5)
+    c, runs = _runs(uri)
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    logged_before = {m.step for m in c.get_metric_history(runs[0].info.run_id, "epoch")}
+    assert 2 <= max(logged_before) < 4
+    res = api.train(cfg)
+    c, runs = _runs(uri)
+    assert len(runs) == 1 and res.run_id == runs[0].info.run_id and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in c.get_metric_history(res.run_id, "epoch")]
+    assert sorted(steps) == [1, 2, 3, 4], f"continued, no epoch repeated: {steps}"
