@@ -371,7 +371,8 @@ def test_sweep_artifacts_edge_cases(store, caplog):
     # one param: no importances or parallel coordinates, and no error
     single = optuna.create_study(direction="minimize", sampler=optuna.samplers.RandomSampler(seed=1))
     single.optimize(lambda t: (t.suggest_float("optim.lr", 1e-4, 1e-2, log=True) - 1e-3) ** 2, n_trials=4)
-    logged = {str(p) for p in write_sweep_artifacts(uri, ids["parent"], strict=True, study=single, trials_df=list_trials(uri, sweep=SWEEP))}
+    table = list_trials(uri, sweep=SWEEP)
+    logged = {str(p) for p in write_sweep_artifacts(uri, ids["parent"], strict=True, study=single, trials_df=table)}
     assert "plots/optuna_slice.png" in logged and "plots/optuna_param_importances.png" not in logged
 
     # a study whose params cannot all be plotted (a constant one): importance skipped with a log line

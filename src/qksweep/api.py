@@ -56,3 +56,68 @@ def resume(name_or_path: str, *, storage: str | None = None):
     from .orchestrator.sweep import resume_sweep
 
     return resume_sweep(name_or_path, storage=storage)
+
+
+def continue_trial(run_id: str, *, epochs: int | None = None, overrides: list[str] | None = None,
+                   tracking_uri: str | None = None) -> TrainResult:
+    """Train a finished trial (or train run) further from its last checkpoint, as a new MLflow run
+    tagged ``qksweep.continued_from``. ``epochs`` is the new total (default: the run's own budget)."""
+    import os
+    import tempfile
+
+    import yaml
+
+    from .config import ConfigError
+    from .trainables.checkpoint import load_checkpoint
+    from .tracking.runs import mask_secrets
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    from .config import check_tracking_uri
+
+    check_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise ConfigError(f"no MLflow store at {uri}: pass --tracking-uri")
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    try:
+        run = c.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"no MLflow run '{run_id}' at {mask_secrets(uri)}: `qksweep runs` lists run ids") from None
+    tmp = Path(tempfile.mkdtemp(prefix="qksweep-continue-"))
+    try:
+        cfg_file = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=str(tmp), tracking_uri=uri)
+    except (MlflowException, OSError):
+        raise ConfigError(f"run {run_id} has no config.yaml artifact: it was not made by qksweep") from None
+    ckpt_dir = None
+    for source in ("checkpoints/last", "checkpoints/best"):
+        try:
+            ckpt_dir = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=source, dst_path=str(tmp), tracking_uri=uri)
+            break
+        except (MlflowException, OSError):
+            continue
+    if ckpt_dir is None:
+        raise ConfigError(f"run {run_id} has no checkpoint artifact (checkpoints/last or checkpoints/best) to continue from")
+    state, _ = load_checkpoint(ckpt_dir)
+    done = int(state["epoch"])
+    base = yaml.safe_load(Path(cfg_file).read_text())
+    extra = list(overrides or []) + [f"tracking.uri={uri}"]
+    if epochs is not None:
+        extra.append(f"optim.epochs={epochs}")
+    cfg = resolve(base, extra)
+    if cfg.optim.epochs <= done:
+        raise ConfigError(f"run {run_id} already trained {done} epochs: pass --epochs greater than {done}")
+    name = f"{run.info.run_name or run_id}-continued-{int(__import__('time').time())}"
+    return run_training(cfg, run_name=name, tags={"qksweep.continued_from": run_id}, resume_from=str(ckpt_dir))
+
+
+def results(sweep_name: str, *, tracking_uri: str | None = None, experiment: str | None = None, **kw: Any):
+    """The trials of a sweep as MLflow holds them (works for sweeps run anywhere)."""
+    import os
+
+    from .orchestrator.results import sweep_results
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    return sweep_results(uri, sweep_name, experiment=experiment, **kw)

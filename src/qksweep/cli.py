@@ -23,7 +23,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _add_overrides(p: argparse.ArgumentParser) -> None:
+def add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("-s", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. -s optim.lr=3e-4 (repeatable)")
 
@@ -44,7 +44,7 @@ def print_sweep_result(res) -> None:
     for k, v in sorted((m.get("searched") or {}).items()):
         print(f"  {k} = {v}")
     print(f"  MLflow run {res.best_run_id} (sweep parent {res.parent_run_id})")
-    print(f"browse: qksweep runs --sweep {res.name}   or   mlflow ui --backend-store-uri <tracking.uri>")
+    print(f"browse: qksweep runs --sweep {res.name}   or   qksweep ui")
     if res.num_errors:
         print(f"{res.num_errors} trial(s) errored; see qksweep runs --sweep {res.name}")
 
@@ -65,35 +65,67 @@ def cmd_resume(args) -> int:
     return EXIT_OK
 
 
-COMMANDS: dict[str, Callable] = {"train": cmd_train, "sweep": cmd_sweep, "resume": cmd_resume}
+def cmd_continue(args) -> int:
+    from . import api
+
+    res = api.continue_trial(args.run_id, epochs=args.epochs, overrides=args.overrides, tracking_uri=args.tracking_uri)
+    m = res.metrics
+    print(f"finished: val/top1 {m.get('val/top1', float('nan')):.4f}  epochs {m.get('epoch')}  "
+          f"new MLflow run {res.run_id} (continued from {args.run_id})")
+    return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="qksweep", description="Sweeps of ViTs and QKFormers on Ray Tune + Optuna + ASHA, tracked in MLflow.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
+def register_core(sub) -> None:
     t = sub.add_parser("train", help="one training run through Ray Train, logged to MLflow")
     t.add_argument("config", help="YAML config, e.g. configs/digits_qkformer.yaml")
-    _add_overrides(t)
+    add_overrides(t)
+    t.set_defaults(func=cmd_train)
 
     sw = sub.add_parser("sweep", help="a Tune sweep (Optuna + ASHA), one MLflow child run per trial")
     sw.add_argument("config")
-    _add_overrides(sw)
+    add_overrides(sw)
     sw.add_argument("--name", help="sweep name (default: <experiment>-<date>-<time>)")
     sw.add_argument("--num-samples", type=int, help="number of trials (overrides sweep.num_samples)")
+    sw.set_defaults(func=cmd_sweep)
 
     r = sub.add_parser("resume", help="continue an interrupted sweep where it stopped")
     r.add_argument("sweep", help="sweep name (under ./qksweep_results) or its directory")
     r.add_argument("--storage", help="the run.storage the sweep used (default ./qksweep_results)")
+    r.set_defaults(func=cmd_resume)
+
+    c = sub.add_parser("continue", help="train a finished trial further from its checkpoint, as a new MLflow run")
+    c.add_argument("run_id", help="MLflow run id of a trial or train run")
+    c.add_argument("--epochs", type=int, help="total epochs to train to (default: the run's optim.epochs)")
+    c.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    add_overrides(c)
+    c.set_defaults(func=cmd_continue)
+
+
+# Feature modules add their own subcommands: each has register(sub) using add_overrides/set_defaults(func=...).
+COMMAND_MODULES = ["qksweep.cli_browse"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    p = _Parser(prog="qksweep", description="Sweeps of ViTs and QKFormers on Ray Tune + Optuna + ASHA, tracked in MLflow.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    register_core(sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return p
 
 
 def _bad_input_types() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
+    from .data import DataError
+    from .models import ModelArgError
+    from .orchestrator.export import ExportError
+    from .tracking.browse import BrowseError
     from .trainables.checkpoint import CheckpointError
 
-    return (ConfigError, CheckpointError, UsageError)
+    return (ConfigError, CheckpointError, UsageError, DataError, ModelArgError, BrowseError, ExportError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("QKSWEEP_DEBUG") == "1"
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        return args.func(args)
     except KeyboardInterrupt:
         print("qksweep: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

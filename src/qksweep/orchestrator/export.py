@@ -95,7 +95,8 @@ def _load_config(c, run_id: str) -> dict[str, Any] | None:
         try:
             p = runs.retrying(lambda: c.download_artifacts(run_id, "config.yaml", tmp), what="artifact download", attempts=2)
         except Exception as e:  # noqa: BLE001 - missing artifact: MlflowException or OSError, by store
-            log.warning("run %s has no config.yaml artifact (%s)", run_id, str(e).splitlines()[0][:160] if str(e) else type(e).__name__)
+            why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            log.warning("run %s has no config.yaml artifact (%s)", run_id, why)
             return None
         return yaml.safe_load(Path(p).read_text())
 

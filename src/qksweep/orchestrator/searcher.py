@@ -64,6 +64,8 @@ class HonestOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
+        if result and not error:
+            self.on_trial_result(trial_id, result)  # Tune hands the result that stopped a trial only here
         epoch = int((result or {}).get("epoch", self._last_epoch.get(trial_id, 0)))
         stopped_early = not error and result is not None and epoch < self._max_epochs
         ot_trial = self._ot_trials[trial_id]

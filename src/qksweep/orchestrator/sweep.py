@@ -87,8 +87,9 @@ def _trainable(base: dict[str, Any], name: str, parent_run_id: str | None):
     from ..trainables.trial import trial_driver
 
     fn = tune.with_parameters(trial_driver, base=base, sweep=name, parent_run_id=parent_run_id)
-    # The driver only launches and watches the Train run: it needs no CPU of its own.
-    return tune.with_resources(fn, {"cpu": 0})
+    # The driver only launches and watches the Train run: it takes no CPU, so N trials of one worker
+    # each fit on N CPUs. Ray refuses an empty bundle, so it asks for a token of memory instead.
+    return tune.with_resources(fn, {"cpu": 0, "memory": 64 * 1024**2})
 
 
 def _parent_run(cfg: Config, name: str) -> str | None:
@@ -221,7 +222,8 @@ def summarize(grid, cfg: Config, name: str, parent_run_id: str | None, storage_p
     df = grid.get_dataframe()
     best_config = best_metrics = best_trial = best_run = None
     try:
-        best = grid.get_best_result(metric=metric, mode=mode, scope="last", filter_nan_and_inf=True)
+        # "all": the best epoch of any trial — the same rule as `qksweep best` and checkpoints/best
+        best = grid.get_best_result(metric=metric, mode=mode, scope="all", filter_nan_and_inf=True)
     except (RuntimeError, KeyError, ValueError):
         best = None
     if best is not None and best.metrics and metric in best.metrics:
@@ -229,7 +231,7 @@ def summarize(grid, cfg: Config, name: str, parent_run_id: str | None, storage_p
         from ..search_spaces import apply_sample
 
         best_config = apply_sample(cfg.to_dict(), best.config).to_dict()
-        best_metrics = {k: v for k, v in best.metrics.items() if k in REPORTED_METRICS}
+        best_metrics = best_epoch_metrics(best, metric, mode)
         best_metrics["searched"] = dict(best.config)
         if parent_run_id:
             c = runs.client(cfg.tracking.uri)
@@ -239,3 +241,12 @@ def summarize(grid, cfg: Config, name: str, parent_run_id: str | None, storage_p
     return SweepResult(name=name, best_config=best_config, best_metrics=best_metrics or {}, best_trial_id=best_trial,
                        best_run_id=best_run, parent_run_id=parent_run_id, trials=df, storage_path=storage_path,
                        num_errors=grid.num_errors)
+
+
+def best_epoch_metrics(result, metric: str, mode: str) -> dict[str, Any]:
+    """The metrics of the trial's best epoch (Result.metrics holds only its last report)."""
+    df = result.metrics_dataframe
+    if df is None or metric not in df or df[metric].dropna().empty:
+        return {k: v for k, v in result.metrics.items() if k in REPORTED_METRICS}
+    row = df.loc[df[metric].idxmax() if mode == "max" else df[metric].idxmin()]
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items() if k in REPORTED_METRICS}

@@ -182,8 +182,8 @@ def guess_mode(metric: str) -> str:
 def status_of(run) -> str:
     s = run.info.status
     if s == "KILLED":
-        by = run.data.tags.get(STOPPED_BY)
-        return "stopped (asha)" if by == "asha" else "killed"
+        by = run.data.tags.get(STOPPED_BY)  # the scheduler's name (asha, ...) or "user" (Ctrl-C)
+        return f"stopped ({by})" if by and by != "user" else "killed"
     return {"FINISHED": "finished", "FAILED": "failed", "RUNNING": "running", "SCHEDULED": "scheduled"}.get(s, s.lower())
 
 
@@ -228,8 +228,10 @@ def list_trials(tracking_uri: str, *, experiment: str | None = None, sweep: str 
                 sort: str | None = None, limit: int | None = None, metric: str | None = None) -> pd.DataFrame:
     """One row per trial of ``sweep`` (or per trial and ``qksweep train`` run when no sweep is given).
 
-    Columns: ``run_id`` (then ``kind``, trial or train, when no sweep is given), ``sweep, trial_id, status``, the searched params (typed), ``<metric>`` (final
-    value), ``best <metric>`` (max or min over epochs, by the sweep's mode), ``epochs``, ``duration_s``.
+    Columns: ``run_id`` (then ``kind``, trial or train, when no sweep is given), ``sweep``,
+    ``trial_id``, ``status`` (finished, stopped (asha), failed, running, killed), the searched params
+    (typed), ``<metric>`` (final value), ``best <metric>`` (max or min over epochs, by the sweep's
+    mode), ``epochs`` (the last epoch), ``duration_s``. Oldest first unless sorted.
     ``sort``: any column or metric name, ``-name``/``+name`` to force the direction; metrics sort
     best first (descending for max-mode ones). ``metric`` overrides the sweep's objective.
     ``df.attrs``: ``modes`` ({metric: max|min}), ``errors`` ({run_id: first error line}), ``sort``.

@@ -34,7 +34,8 @@ def run_params(cfg: Config) -> dict[str, Any]:
 
 
 def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: list | None = None,
-                 label: str = "", echo: bool = True, extra: dict[str, Any] | None = None):
+                 label: str = "", echo: bool = True, extra: dict[str, Any] | None = None,
+                 resume_from: str | None = None):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -68,6 +69,7 @@ def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: l
                                                resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
         run_config=run_config,
+        resume_from_checkpoint=ray.train.Checkpoint(resume_from) if resume_from else None,
     )
 
 
@@ -106,7 +108,8 @@ def default_run_name(cfg: Config) -> str:
     return f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run_training(cfg: Config, *, run_name: str | None = None, tags: dict[str, str] | None = None) -> TrainResult:
+def run_training(cfg: Config, *, run_name: str | None = None, tags: dict[str, str] | None = None,
+                 resume_from: str | None = None) -> TrainResult:
     """One ``qksweep train``: an MLflow run with no parent, found again by its run name."""
     from ..cluster.connect import ensure_ray
 
@@ -123,7 +126,7 @@ def run_training(cfg: Config, *, run_name: str | None = None, tags: dict[str, st
         if created:
             log_config_artifact(cfg, run_id)
     ensure_ray()
-    trainer = make_trainer(cfg, run_name=name, run_id=run_id)
+    trainer = make_trainer(cfg, run_name=name, run_id=run_id, resume_from=resume_from)
     try:
         result = trainer.fit()
     except KeyboardInterrupt:

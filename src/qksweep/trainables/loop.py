@@ -243,7 +243,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             state, _ = load_checkpoint(d, map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        if int(state.get("epochs_planned", cfg.optim.epochs)) == cfg.optim.epochs:
+            scheduler.load_state_dict(state["scheduler"])
+        # else: `continue` with more epochs — the fresh schedule spans the new budget
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         if ema is not None and "ema" in state:
@@ -252,6 +254,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             monitor.load_state_dict(state["spectral"])
         set_rng_state(state["rng"])
         start_epoch, num_updates = int(state["epoch"]), int(state["updates"])
+        scheduler.step_update(num_updates=num_updates)
 
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
 
@@ -331,6 +334,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "updates": num_updates,
+                     "epochs_planned": cfg.optim.epochs,
                      "rng": rng_state(), "metrics": {k: v for k, v in metrics.items() if not k.startswith("_")}}
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()

@@ -48,7 +48,9 @@ def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, pa
         c = runs.client(cfg.tracking.uri)
         exp = runs.experiment_id(c, cfg.experiment)
         lookup = {runs.KIND: "trial", runs.SWEEP: sweep, runs.TRIAL: trial_id}
-        run_id, created = runs.get_or_create_run(c, exp, lookup, run_name=name, params=run_params(cfg))
+        params = run_params(cfg)
+        params.update({k: v for k, v in sample.items() if k not in params})  # derived keys, e.g. model.head_dim
+        run_id, created = runs.get_or_create_run(c, exp, lookup, run_name=name, params=params)
         if created:
             runs.set_tags(c, run_id, {**trial_tags(sweep, trial_id, parent_run_id),
                                       "qksweep.searched": json.dumps(sorted(sample)),

@@ -1,0 +1,93 @@
+"""``qksweep runs``, ``qksweep best`` and ``qksweep ui``: browsing what MLflow holds."""
+
+from __future__ import annotations
+
+import json
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+def _uri(args) -> str:
+    import os
+
+    return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def cmd_runs(args) -> int:
+    from .tracking.browse import format_trials, list_sweeps, list_trials
+
+    uri = _uri(args)
+    if args.sweeps:
+        print(format_trials(list_sweeps(uri, experiment=args.experiment), args.format))
+        return 0
+    df = list_trials(uri, experiment=args.experiment, sweep=args.sweep, sort=args.sort, limit=args.limit)
+    print(format_trials(df, args.format))
+    return 0
+
+
+def cmd_best(args) -> int:
+    from .orchestrator.export import best_trial, export_best
+
+    uri = _uri(args)
+    best = best_trial(uri, args.sweep, metric=args.metric, experiment=args.experiment)
+    if args.format == "json":
+        print(json.dumps(best, indent=1, default=str))
+    else:
+        print(f"best trial {best['trial_id']} of sweep {args.sweep}: {best['metric']} = {best['value']:.4f}")
+        print(f"  MLflow run {best['run_id']}")
+        for k, v in sorted((best.get("params") or {}).items()):
+            print(f"  {k} = {v}")
+    if args.export:
+        files = export_best(uri, args.sweep, args.export, metric=args.metric, experiment=args.experiment)
+        print(f"exported to {args.export}: " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from .tracking.ui import start_ui, stop_ui, wait_until_up
+
+    uri = _uri(args)
+    proc = start_ui(uri, host=args.host, port=args.port)
+    if proc is None:
+        print(f"{uri} is already an MLflow server: open it in a browser")
+        return 0
+    url = f"http://{args.host}:{args.port}"
+    try:
+        wait_until_up(url, timeout=60, proc=proc)
+        print(f"MLflow UI for {uri} at {url}/#/experiments  (Ctrl-C stops it)", flush=True)
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_ui(proc)
+    return 0
+
+
+def _add_uri(p) -> None:
+    p.add_argument("--tracking-uri", default=None, help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI or {DEFAULT_URI})")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name (default: all)")
+
+
+def register(sub) -> None:
+    r = sub.add_parser("runs", help="one row per trial: status, searched params, metric, epochs, run id")
+    _add_uri(r)
+    r.add_argument("--sweep", help="only this sweep's trials")
+    r.add_argument("--sweeps", action="store_true", help="list sweeps instead of trials")
+    r.add_argument("--sort", help="column or metric to sort by (best first for metrics; -name/+name forces order)")
+    r.add_argument("--limit", type=int)
+    r.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    r.set_defaults(func=cmd_runs)
+
+    b = sub.add_parser("best", help="the best trial of a sweep; --export writes config, checkpoint, metrics")
+    b.add_argument("sweep")
+    _add_uri(b)
+    b.add_argument("--metric", help="metric to rank by (default: the sweep's)")
+    b.add_argument("--export", metavar="DIR", help="write config.yaml, checkpoint/ and metrics.json here")
+    b.add_argument("--format", choices=["table", "json"], default="table")
+    b.set_defaults(func=cmd_best)
+
+    u = sub.add_parser("ui", help="start the MLflow UI for the tracking store on 127.0.0.1")
+    u.add_argument("--tracking-uri", default=None)
+    u.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
+    u.add_argument("--port", type=int, default=5000)
+    u.set_defaults(func=cmd_ui)
