@@ -102,7 +102,7 @@ def register_core(sub) -> None:
 
 
 # Feature modules add their own subcommands: each has register(sub) using add_overrides/set_defaults(func=...).
-COMMAND_MODULES = ["qksweep.cli_browse"]
+COMMAND_MODULES = ["qksweep.cli_browse", "qksweep.cli_tools", "qksweep.cli_cluster"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,14 +41,12 @@ class MLflowEpochLogger(UserCallback):
         if self._seen is None:
             self._seen = runs.logged_steps(self._c(), self.run_id, "epoch")
             self._best = self._best_so_far()
-        if epoch in self._seen:
+        if epoch in self._seen or not self._still_running():
             return
-        ts = int(time.time() * 1000)
-        items = [Metric(k, v, ts, epoch) for k, v in runs.iter_metrics(m)]
-        for step, spec in m.get("_spec", []) or []:
-            items += [Metric(k, float(v), ts, int(step)) for k, v in spec.items()]
-        runs.log_metric_list(self._c(), self.run_id, items)
-        self._seen.add(epoch)
+        replay = m.get("_replay")
+        if replay and int(replay.get("epoch", 0)) not in self._seen:
+            self._log_epoch(replay)
+        self._log_epoch(m)
         value = m.get(self.metric)
         if checkpoint is not None and self._improved(value):
             self._best = float(value)
@@ -56,6 +54,21 @@ class MLflowEpochLogger(UserCallback):
                 runs.log_artifact_dir(self.tracking_uri, self.run_id, d, "checkpoints/best")
         if self.echo:
             print(format_epoch(m, self.epochs, self.label), file=sys.stdout, flush=True)
+
+    def _log_epoch(self, m: dict[str, Any]) -> None:
+        epoch = int(m.get("epoch", 0))
+        ts = int(time.time() * 1000)
+        items = [Metric(k, v, ts, epoch) for k, v in runs.iter_metrics(m)]
+        for step, spec in m.get("_spec", []) or []:
+            items += [Metric(k, float(v), ts, int(step)) for k, v in spec.items()]
+        runs.log_metric_list(self._c(), self.run_id, items)
+        self._seen.add(epoch)
+
+    def _still_running(self) -> bool:
+        """A run that Tune has already closed (an ASHA stop races the Train controller, which dies a
+        moment after its trial) takes no more epochs."""
+        run = runs.retrying(lambda: self._c().get_run(self.run_id), what="run status")
+        return run.info.status == "RUNNING"
 
     def _improved(self, value: Any) -> bool:
         if not isinstance(value, (int, float)) or not math.isfinite(value):

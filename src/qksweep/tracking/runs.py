@@ -154,6 +154,15 @@ def finish_run(c: MlflowClient, run_id: str, status: str, tags: dict[str, str] |
     retrying(lambda: c.set_terminated(run_id, status=status), what="run termination")
 
 
+def close_if_running(c: MlflowClient, run_id: str, status: str, tags: dict[str, str] | None = None) -> bool:
+    """Close a run unless something else (the sweep's callback after an early stop) already did."""
+    run = retrying(lambda: c.get_run(run_id), what="run status")
+    if run.info.status != "RUNNING":
+        return False
+    finish_run(c, run_id, status, tags)
+    return True
+
+
 def log_artifact_dir(uri: str, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
     c = client(uri)
     retrying(lambda: c.log_artifacts(run_id, str(local_dir), artifact_path), what="artifact upload")
@@ -174,3 +183,16 @@ def iter_metrics(metrics: dict[str, Any]) -> Iterable[tuple[str, float]]:
     for k, v in metrics.items():
         if not k.startswith("_") and _is_number(v):
             yield k, float(v)
+
+
+def finalize_run(uri: str, run_id: str, checkpoint_path: str | None) -> None:
+    """Last checkpoint and learning curves as artifacts, then FINISHED. Safe to repeat."""
+    if checkpoint_path:
+        from ray.train import Checkpoint
+
+        with Checkpoint(checkpoint_path).as_directory() as d:
+            log_artifact_dir(uri, run_id, d, "checkpoints/last")
+    from .plots import log_learning_curves
+
+    log_learning_curves(uri, run_id)
+    finish_run(client(uri), run_id, "FINISHED")

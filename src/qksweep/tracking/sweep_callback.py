@@ -27,14 +27,20 @@ class SweepTracker(Callback):
         return c, (run.info.run_id if run else None), (run.info.status if run else None)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        epoch = int((trial.last_result or {}).get("epoch", 0))
+        """A trial that Tune ended. The scheduler also stops trials that reached max_t, before their
+        driver wraps up, so a run still RUNNING is finished here: KILLED when it stopped short of the
+        budget, otherwise FINISHED with its last checkpoint and plots, as the driver would have."""
         try:
             c, run_id, status = self._run_id(trial.trial_id)
-            if run_id and status == "RUNNING" and epoch < self.epochs:
-                runs.finish_run(c, run_id, "KILLED", {"qksweep.stopped_by": self.scheduler,
-                                                      "qksweep.stopped_at_epoch": str(epoch)})
-            elif run_id and status == "RUNNING":
-                runs.finish_run(c, run_id, "FINISHED")
+            if run_id and status == "RUNNING":
+                logged = runs.logged_steps(c, run_id, "epoch")
+                epoch = max(logged) if logged else 0
+                if epoch < self.epochs:
+                    decided = int((trial.last_result or {}).get("epoch", epoch))
+                    runs.finish_run(c, run_id, "KILLED", {"qksweep.stopped_by": self.scheduler,
+                                                          "qksweep.stopped_at_epoch": str(decided)})
+                else:
+                    runs.finalize_run(self.uri, run_id, (trial.last_result or {}).get("checkpoint_path"))
         except Exception as e:  # noqa: BLE001 - tracking trouble must not stop the sweep
             log.warning("could not close the MLflow run of trial %s: %s", trial.trial_id, runs.mask_secrets(str(e))[:200])
         self.refresh_parent()

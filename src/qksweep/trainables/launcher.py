@@ -61,6 +61,8 @@ def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: l
         logging_config=ray.train.LoggingConfig(log_level="WARNING"),
     )
     loop_config = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": cfg.tracking.uri if run_id else None}
+    if resume_from:  # Train V2: the loop loads it when the run has no checkpoint of its own yet
+        loop_config["resume_from"] = resume_from
     loop_config.update(extra or {})
     return TorchTrainer(
         train_loop,
@@ -69,7 +71,6 @@ def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: l
                                                resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
         run_config=run_config,
-        resume_from_checkpoint=ray.train.Checkpoint(resume_from) if resume_from else None,
     )
 
 
@@ -85,13 +86,6 @@ def mask_config(d: dict[str, Any]) -> dict[str, Any]:
     if "tracking" in d:
         d["tracking"] = {**d["tracking"], "uri": runs.mask_secrets(d["tracking"]["uri"])}
     return d
-
-
-def log_last_checkpoint(cfg: Config, run_id: str, checkpoint) -> None:
-    if checkpoint is None:
-        return
-    with checkpoint.as_directory() as d:
-        runs.log_artifact_dir(cfg.tracking.uri, run_id, d, "checkpoints/last")
 
 
 @dataclass
@@ -139,11 +133,7 @@ def run_training(cfg: Config, *, run_name: str | None = None, tags: dict[str, st
             runs.finish_run(c, run_id, "FAILED", {"qksweep.error": msg})
         raise JobFailed(f"training failed: {msg}") from e
     if c:
-        log_last_checkpoint(cfg, run_id, result.checkpoint)
-        from ..tracking.plots import log_learning_curves
-
-        log_learning_curves(cfg.tracking.uri, run_id)
-        runs.finish_run(c, run_id, "FINISHED")
+        runs.finalize_run(cfg.tracking.uri, run_id, result.checkpoint.path if result.checkpoint else None)
     metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
     return TrainResult(run_id=run_id, run_name=name, metrics=metrics,
                        checkpoint_path=result.checkpoint.path if result.checkpoint else None,

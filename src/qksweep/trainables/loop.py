@@ -237,7 +237,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     monitor = make_monitor(cfg, model, ema) if rank == 0 else None
 
     start_epoch, num_updates = 0, 0
+    replay: dict[str, Any] | None = None
     ckpt = ray.train.get_checkpoint()
+    if ckpt is None and loop_config.get("resume_from"):
+        ckpt = ray.train.Checkpoint(loop_config["resume_from"])  # `qksweep continue`
     if ckpt:
         with ckpt.as_directory() as d:
             state, _ = load_checkpoint(d, map_location=device)
@@ -254,6 +257,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             monitor.load_state_dict(state["spectral"])
         set_rng_state(state["rng"])
         start_epoch, num_updates = int(state["epoch"]), int(state["updates"])
+        # The resumed epoch's metrics ride along with the first report: if the process died after
+        # the checkpoint was persisted but before the epoch reached MLflow, the logger fills the gap.
+        replay = state.get("metrics")
         scheduler.step_update(num_updates=num_updates)
 
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
@@ -330,12 +336,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         metrics["epoch_time_s"] = time.perf_counter() - t0
         if spec_buffer:
             metrics["_spec"] = spec_buffer
+        if replay:
+            metrics["_replay"], replay = replay, None
 
         if rank == 0:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "updates": num_updates,
                      "epochs_planned": cfg.optim.epochs,
-                     "rng": rng_state(), "metrics": {k: v for k, v in metrics.items() if not k.startswith("_")}}
+                     "rng": rng_state(), "metrics": {k: v for k, v in metrics.items() if k != "_replay"}}
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
             if ema is not None:

@@ -14,7 +14,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from ..search_spaces import apply_sample
 from ..tracking import runs
-from .launcher import first_line, log_config_artifact, log_last_checkpoint, make_trainer, run_params
+from .launcher import first_line, log_config_artifact, make_trainer, run_params
 
 
 class PublicTuneReport(TuneReportCallback):
@@ -62,11 +62,7 @@ def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, pa
         result = trainer.fit()
     except Exception as e:
         if c:
-            runs.finish_run(c, run_id, "FAILED", {"qksweep.error": first_line(e)})
+            runs.close_if_running(c, run_id, "FAILED", {"qksweep.error": first_line(e)})
         raise RuntimeError(first_line(e)) from None
     if c:
-        log_last_checkpoint(cfg, run_id, result.checkpoint)
-        from ..tracking.plots import log_learning_curves
-
-        log_learning_curves(cfg.tracking.uri, run_id)
-        runs.finish_run(c, run_id, "FINISHED")
+        runs.finalize_run(cfg.tracking.uri, run_id, result.checkpoint.path if result.checkpoint else None)

@@ -1,0 +1,129 @@
+"""Sweeps with real Ray Tune, Optuna and MLflow: one parent + one child per trial, ASHA early stops,
+a SIGKILLed driver resumed, `continue`, and the API agreeing with the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from qksweep import api
+
+from .conftest import run_cli, tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def sweep_config(tmp, **over):
+    cfg = tiny_config(tmp, optim={"epochs": 4, "warmup_epochs": 0})
+    cfg["sweep"] = {
+        # val/loss is continuous: tiny trials all sit at chance top-1 after one epoch and ties never stop.
+        # One trial at a time and a seeded sampler make the sweep deterministic.
+        "metric": "val/loss", "mode": "min", "num_samples": 4, "max_concurrent": 1,
+        "searcher": {"sampler": "tpe", "seed": 0},
+        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        "space": {"model.num_heads": {"choice": [1, 2]}, "model.head_dim": {"choice": [4, 8]},
+                  "optim.lr": {"loguniform": [1e-5, 1e-2]}},
+    }
+    for k, v in over.items():
+        cfg["sweep"][k] = v
+    return cfg
+
+
+def trial_runs(uri, sweep):
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("test")
+    if exp is None:
+        return c, [], []
+    rs = c.search_runs([exp.experiment_id], filter_string=f"tags.`qksweep.sweep` = '{sweep}'")
+    return c, [r for r in rs if r.data.tags.get("qksweep.kind") == "trial"], [r for r in rs if r.data.tags.get("qksweep.kind") == "sweep"]
+
+
+def test_four_trial_sweep_parent_children_asha_and_continue(ray_session, workdir):
+    cfg = sweep_config(workdir)
+    uri = cfg["tracking"]["uri"]
+    res = api.sweep(cfg, name="four")
+    c, trials, parents = trial_runs(uri, "four")
+    assert len(parents) == 1 and len(trials) == 4
+    parent_id = parents[0].info.run_id
+    assert parents[0].info.status == "FINISHED" and res.parent_run_id == parent_id
+    stopped = []
+    for r in trials:
+        assert r.data.tags["mlflow.parentRunId"] == parent_id
+        assert {"model.embed_dim", "model.num_heads", "model.head_dim", "optim.lr", "data.img_size"} <= set(r.data.params)
+        steps = [m.step for m in c.get_metric_history(r.info.run_id, "val/loss")]
+        assert sorted(steps) == list(range(1, len(steps) + 1)), "one value per epoch, step=epoch"
+        assert all(c.get_metric_history(r.info.run_id, k) for k in ("train/loss", "val/top5", "lr"))
+        if r.info.status == "KILLED":
+            # the decision is taken at a rung (1 or 2); the worker may finish one more epoch meanwhile
+            assert r.data.tags["qksweep.stopped_by"] == "asha" and int(r.data.tags["qksweep.stopped_at_epoch"]) <= 2
+            assert len(steps) < 4
+            stopped.append(r)
+        else:
+            assert r.info.status == "FINISHED" and len(steps) == 4
+    assert stopped, "ASHA stopped at least one trial early"
+    arts = {a.path for a in c.list_artifacts(parent_id)}
+    assert {"config.yaml", "search_space.yaml", "results.csv"} <= arts
+
+    # Optuna hears the truth: stopped trials are PRUNED, not COMPLETE with a truncated score
+    study = optuna.load_study(study_name="qksweep", storage=f"sqlite:///{workdir / 'results' / 'four' / 'optuna.db'}")
+    states = sorted(t.state.name for t in study.trials)
+    assert states.count("PRUNED") == len(stopped) and len(study.trials) == 4
+
+    # the API's best trial is the one the CLI prints
+    out = run_cli("best", "four", "--tracking-uri", uri, "--format", "json", cwd=workdir, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["trial_id"] == res.best_trial_id
+    assert res.best_run_id and res.best_config["model"]["embed_dim"] in (4, 8, 16, 32)
+
+    # continue the stopped trial to the full budget as a new run linked to the old one
+    old = stopped[0]
+    done = len(c.get_metric_history(old.info.run_id, "epoch"))
+    cont = api.continue_trial(old.info.run_id, epochs=5, tracking_uri=uri)
+    new = c.get_run(cont.run_id)
+    assert new.data.tags["qksweep.continued_from"] == old.info.run_id and new.info.status == "FINISHED"
+    assert sorted(m.step for m in c.get_metric_history(cont.run_id, "epoch")) == list(range(done + 1, 6))
+
+
+def test_killed_driver_then_resume_finishes_each_trial_once(ray_session, workdir):
+    cfg = sweep_config(workdir, scheduler={"name": "none"}, num_samples=3)
+    (workdir / "sweep.yaml").write_text(yaml.safe_dump(cfg))
+    uri = cfg["tracking"]["uri"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "qksweep.cli", "sweep", "sweep.yaml", "--name", "killme"],
+                            cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:  # kill once the second trial has checkpointed an epoch
+            # (watch the files: opening the store while the sweep creates it would race its migrations)
+            done_trials = {p.parent.name for p in (workdir / "results").glob("killme-*/checkpoint_*")}
+            if len(done_trials) >= 2:
+                break
+            assert proc.poll() is None, "the sweep ended before the fault was injected"
+            time.sleep(0.5)
+        else:
+            pytest.fail("the sweep never reached its second trial")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    time.sleep(3)  # let Ray reap the dead driver's trial actors
+    res = api.resume("killme", storage=str(workdir / "results"))
+    c, trials, parents = trial_runs(uri, "killme")
+    assert len(trials) == 3, [t.data.tags["qksweep.trial_id"] for t in trials]
+    for t in trials:
+        steps = [m.step for m in c.get_metric_history(t.info.run_id, "epoch")]
+        assert sorted(steps) == [1, 2, 3, 4], f"no repeated or missing epoch: {steps}"
+        assert t.info.status == "FINISHED"
+    assert parents[0].info.status == "FINISHED" and res.best_trial_id
+    study = optuna.load_study(study_name="qksweep", storage=f"sqlite:///{workdir / 'results' / 'killme' / 'optuna.db'}")
+    finished = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(finished) == 3
