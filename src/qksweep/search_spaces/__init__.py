@@ -88,8 +88,11 @@ def expand_space(space: dict[str, Any] | str) -> dict[str, Any]:
         space = {"include": space}
     space = dict(space)
     includes = space.pop("include", None)
+    names = [includes] if isinstance(includes, str) else includes if isinstance(includes, list) else None
+    if includes is not None and (names is None or not all(isinstance(n, str) for n in names)):
+        raise ConfigError(f"sweep.space.include must be a preset name or a list of them ({', '.join(list_presets())}), got {includes!r}")
     merged: dict[str, Any] = {}
-    for name in [includes] if isinstance(includes, str) else (includes or []):
+    for name in names or []:
         merged.update(load_preset(name))
     merged.update(space)
     return merged
