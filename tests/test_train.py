@@ -109,3 +109,25 @@ def test_restart_with_same_run_name_continues_from_checkpoint(ray_session, workd
     assert len(runs) == 1 and res.run_id == runs[0].info.run_id and runs[0].info.status == "FINISHED"
     steps = [m.step for m in c.get_metric_history(res.run_id, "epoch")]
     assert sorted(steps) == [1, 2, 3, 4], f"continued, no epoch repeated: {steps}"
+
+
+def test_spectral_metrics_and_stop_rule_on_blow_up(ray_session, workdir):
+    """A ViT run logs seed 001's metric families; an absurd lr makes sigma_max explode and the
+    spectral rule stops the run, recording why."""
+    cfg = tiny_config(workdir, optim={"epochs": 3, "lr": 5.0, "weight_decay": 0.0},
+                      spectral={"enabled": True, "every": 2, "topk": 4, "interval": 1})
+    cfg["model"] = {"name": "vit_tiny_patch16_224", "embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 4,
+                    "mlp_ratio": 2}
+    cfg["sweep"] = {"stop_on": {"spec_sigma_max_growth": 3}}
+    res = api.train(cfg)
+    c, runs = _runs(cfg["tracking"]["uri"])
+    run = c.get_run(res.run_id)
+    assert run.data.tags["qksweep.stopped_by"] == "spectral" and "grew" in run.data.tags["qksweep.stop_reason"]
+    assert run.info.status == "KILLED"
+    assert len(c.get_metric_history(res.run_id, "epoch")) < 3
+    keys = set(run.data.metrics)
+    m = "blocks.0.attn.qkv"
+    for fam in ("sigma_max", "sv1", "sv_last1", "delta_sv_rel", "cos_u1", "cos_v1", "cos_u_last1", "cos_v_last1",
+                "cos_u_max", "cos_u_mean", "cos_v_max", "cos_v_mean"):
+        assert f"spec/{m}/{fam}" in keys, fam
+    assert any(k.startswith("spec/blocks.1.mlp.fc2/") for k in keys)

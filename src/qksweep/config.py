@@ -140,6 +140,13 @@ class SchedulerConfig(_Section):
     max_t: int | None = Field(default=None, gt=0)
 
 
+class StopOnConfig(_Section):
+    """Rules that stop a run (a sweep trial or a plain train run) early, recorded as
+    ``qksweep.stopped_by`` on its MLflow run."""
+
+    spec_sigma_max_growth: float | None = Field(default=None, gt=1)
+
+
 class SweepConfig(_Section):
     metric: Union[str, list[str]] = "val/top1"
     mode: Union[Literal["max", "min"], list[Literal["max", "min"]]] = "max"
@@ -148,6 +155,7 @@ class SweepConfig(_Section):
     searcher: SearcherConfig = Field(default_factory=SearcherConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     space: dict[str, Any] = Field(default_factory=dict)
+    stop_on: StopOnConfig = Field(default_factory=StopOnConfig)
 
     @model_validator(mode="after")
     def _objectives_match(self) -> "SweepConfig":
@@ -415,6 +423,8 @@ def check_config(cfg: Config) -> Config:
         raise ConfigError("config: optim.layer_decay needs a model with layer groups (timm ViTs); remove it for SNNs")
     if (cfg.optim.mixup > 0 or cfg.optim.cutmix > 0) and cfg.data.batch_size % 2:
         raise ConfigError(f"config: data.batch_size={cfg.data.batch_size} must be even when mixup/cutmix is on")
+    if cfg.sweep.stop_on.spec_sigma_max_growth and not cfg.spectral.enabled:
+        raise ConfigError("config: sweep.stop_on.spec_sigma_max_growth needs spectral.enabled: true")
     if cfg.run.gpus_per_worker > 0:
         check_gpus_available(cfg)
     return cfg

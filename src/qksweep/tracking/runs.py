@@ -195,4 +195,6 @@ def finalize_run(uri: str, run_id: str, checkpoint_path: str | None) -> None:
     from .plots import log_learning_curves
 
     log_learning_curves(uri, run_id)
-    finish_run(client(uri), run_id, "FINISHED")
+    c = client(uri)
+    stopped = retrying(lambda: c.get_run(run_id), what="run status").data.tags.get("qksweep.stopped_by")
+    finish_run(c, run_id, "KILLED" if stopped else "FINISHED")

@@ -235,6 +235,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     mixup = build_mixup(cfg, bundle.num_classes)
     criterion = build_criterion(cfg, mixup is not None)
     monitor = make_monitor(cfg, model, ema) if rank == 0 else None
+    stop_rule = make_stop_rule(cfg) if monitor is not None else None
 
     start_epoch, num_updates = 0, 0
     replay: dict[str, Any] | None = None
@@ -255,6 +256,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             ema.load_state_dict(state["ema"])
         if monitor is not None and "spectral" in state:
             monitor.load_state_dict(state["spectral"])
+        if stop_rule is not None and "stop_rule" in state:
+            stop_rule.load_state_dict(state["stop_rule"])
         set_rng_state(state["rng"])
         start_epoch, num_updates = int(state["epoch"]), int(state["updates"])
         # The resumed epoch's metrics ride along with the first report: if the process died after
@@ -271,6 +274,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
         first_bad = torch.tensor(-1, device=device)
         spec_buffer: list[tuple[int, dict[str, float]]] = []
+        stop_reason = torch.zeros(1, device=device)  # rank 0 decides; every rank must leave together
+        reason_text: str | None = None
         n_batches = len(train_batches)
         optimizer.zero_grad(set_to_none=True)
         for i, (x, y) in enumerate(train_batches):
@@ -309,6 +314,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 measured = monitor.maybe_measure(num_updates)
                 if measured:
                     spec_buffer.append((num_updates, measured))
+                    if stop_rule is not None and reason_text is None:
+                        reason_text = stop_rule.check(measured)
+                        if reason_text:
+                            stop_reason.fill_(1.0)
+            if stop_check_due(cfg, num_updates):  # only on measuring steps, which every rank knows
+                stop_reason = all_max(stop_reason, world)
+                if stop_reason.item() > 0:
+                    break
         scheduler.step(epoch + 1)
         train_time = time.perf_counter() - t0
 
@@ -338,6 +351,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             metrics["_spec"] = spec_buffer
         if replay:
             metrics["_replay"], replay = replay, None
+        stopping = bool(stop_reason.item() > 0)
+        if stopping and rank == 0:
+            metrics["_stopped_by"] = "spectral"
+            metrics["_stop_reason"] = reason_text
 
         if rank == 0:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -350,11 +367,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 state["ema"] = ema.state_dict()
             if monitor is not None:
                 state["spectral"] = monitor.state_dict()
+            if stop_rule is not None:
+                state["stop_rule"] = stop_rule.state_dict()
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, state, cfg.to_dict())
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
+        if stopping:
+            break
 
     if monitor is not None and loop_config.get("run_id") and loop_config.get("tracking_uri"):
         finish_monitor(monitor, loop_config["tracking_uri"], loop_config["run_id"])
@@ -365,6 +386,20 @@ def all_max(t: torch.Tensor, world: int) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
+
+
+def stop_check_due(cfg: Config, num_updates: int) -> bool:
+    return bool(cfg.sweep.stop_on.spec_sigma_max_growth and cfg.spectral.enabled
+                and num_updates % cfg.spectral.every == 0)
+
+
+def make_stop_rule(cfg: Config):
+    growth = cfg.sweep.stop_on.spec_sigma_max_growth
+    if not growth:
+        return None
+    from ..spectral import SpectralStopRule
+
+    return SpectralStopRule(growth)
 
 
 def make_monitor(cfg: Config, model: torch.nn.Module, ema: ModelEmaV3 | None):
