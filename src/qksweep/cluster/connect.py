@@ -11,6 +11,9 @@ from typing import Any
 RAY_ENV: dict[str, str] = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
     "RAY_TRAIN_V2_ENABLED": "1",
+    # Importing torch, timm and SpikingJelly in a fresh worker takes 10-30 s on a loaded 2-CPU box;
+    # Ray's 60 s start-up limit then fails trials that would have run fine.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300"),
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
     "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning,ignore::UserWarning",
 }

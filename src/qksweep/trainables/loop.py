@@ -243,8 +243,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if ckpt is None and loop_config.get("resume_from"):
         ckpt = ray.train.Checkpoint(loop_config["resume_from"])  # `qksweep continue`
     if ckpt:
-        with ckpt.as_directory() as d:
-            state, _ = load_checkpoint(d, map_location=device)
+        state = load_resumable(ckpt, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if int(state.get("epochs_planned", cfg.optim.epochs)) == cfg.optim.epochs:
@@ -379,6 +378,32 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     if monitor is not None and loop_config.get("run_id") and loop_config.get("tracking_uri"):
         finish_monitor(monitor, loop_config["tracking_uri"], loop_config["run_id"])
+
+
+def load_resumable(ckpt, device) -> dict[str, Any]:
+    """Load the checkpoint to resume from; if it is corrupt, fall back to the newest earlier checkpoint
+    of the same run (kept alongside it in the run's storage) with a warning."""
+    import logging
+    from pathlib import Path
+
+    from .checkpoint import CheckpointError
+
+    try:
+        with ckpt.as_directory() as d:
+            return load_checkpoint(d, map_location=device)[0]
+    except CheckpointError as err:
+        here = Path(ckpt.path)
+        if "://" in ckpt.path or not here.parent.is_dir():
+            raise
+        for older in sorted((p for p in here.parent.glob("checkpoint_*") if p.is_dir() and p.name < here.name), reverse=True):
+            try:
+                state = load_checkpoint(older, map_location=device)[0]
+            except CheckpointError:
+                continue
+            logging.getLogger("qksweep").warning("%s; resuming from the previous checkpoint %s (epoch %s)",
+                                                 err, older.name, state.get("epoch"))
+            return state
+        raise
 
 
 def all_max(t: torch.Tensor, world: int) -> torch.Tensor:
