@@ -184,3 +184,26 @@ def test_ui_in_headless_chromium(remote, tmp_path):
     trial_page = _dom_text(browser, f"{url}/#/experiments/{exp}/runs/{ids['t0']}", tmp_path / "p3")
     for text in (f"{SWEEP}-t0", "model.embed_dim", "val/top1", "qksweep.trial_id"):
         assert text in trial_page, text
+
+
+@pytest.mark.slow
+def test_real_sweep_logs_to_the_server_over_http(server, ray_session, tmp_path):
+    """A small real sweep with tracking.uri = the server: parent and trial runs arrive over HTTP."""
+    from qksweep import api
+
+    from .conftest import tiny_config
+
+    url, _ = server
+    cfg = tiny_config(tmp_path, optim={"epochs": 2})
+    cfg["experiment"] = "over-http"
+    cfg["tracking"] = {"uri": url}
+    cfg["sweep"] = {"num_samples": 2, "scheduler": {"name": "none"}, "space": {"optim.lr": {"loguniform": [1e-3, 3e-3]}}}
+    res = api.sweep(cfg, name="http-sweep")
+    exp = rest(url, "experiments/get-by-name", experiment_name="over-http")["experiment"]
+    found = rest(url, "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 50,
+                                      "filter": "tags.`qksweep.sweep` = 'http-sweep'"})["runs"]
+    kinds = sorted({t["key"]: t["value"] for t in r["data"]["tags"]}["qksweep.kind"] for r in found)
+    assert kinds == ["sweep", "trial", "trial"]
+    trial = next(r for r in found if r["info"]["run_id"] == res.best_run_id)
+    hist = rest(url, "metrics/get-history", run_id=res.best_run_id, metric_key="val/top1")["metrics"]
+    assert sorted(int(m["step"]) for m in hist) == [1, 2] and trial["info"]["status"] == "FINISHED"

@@ -84,6 +84,19 @@ def test_four_trial_sweep_parent_children_asha_and_continue(ray_session, workdir
     assert json.loads(out.stdout)["trial_id"] == res.best_trial_id
     assert res.best_run_id and res.best_config["model"]["embed_dim"] in (4, 8, 16, 32)
 
+    # browsing reads MLflow: one row per trial with the searched params; best --export is re-runnable
+    out = run_cli("runs", "--sweep", "four", "--tracking-uri", uri, "--format", "json", cwd=workdir, timeout=120)
+    rows = json.loads(out.stdout)
+    assert len(rows) == 4 and all("optim.lr" in r and "model.head_dim" in r for r in rows)
+    out = run_cli("best", "four", "--tracking-uri", uri, "--export", str(workdir / "exported"), cwd=workdir, timeout=120)
+    assert out.returncode == 0, out.stderr
+    from qksweep.config import check_config, load_config
+    from qksweep.trainables.checkpoint import load_checkpoint
+
+    check_config(load_config(workdir / "exported" / "config.yaml"))  # `qksweep train` accepts it
+    state, _ = load_checkpoint(workdir / "exported" / "checkpoint")  # torch.load(weights_only=True)
+    assert "model" in state and json.loads((workdir / "exported" / "metrics.json").read_text())
+
     # continue the stopped trial to the full budget as a new run linked to the old one
     old = stopped[0]
     done = len(c.get_metric_history(old.info.run_id, "epoch"))
