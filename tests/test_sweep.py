@@ -140,3 +140,25 @@ def test_killed_driver_then_resume_finishes_each_trial_once(ray_session, workdir
     study = optuna.load_study(study_name="qksweep", storage=f"sqlite:///{workdir / 'results' / 'killme' / 'optuna.db'}")
     finished = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(finished) == 3
+
+
+def test_ctrl_c_saves_state_exits_130_and_resume_finishes(ray_session, workdir):
+    cfg = sweep_config(workdir, scheduler={"name": "none"}, num_samples=2)
+    (workdir / "sweep.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "qksweep.cli", "sweep", "sweep.yaml", "--name", "ctrlc"],
+                            cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((workdir / "results").glob("ctrlc-*/checkpoint_*")):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-2000:]
+    assert "qksweep resume ctrlc" in err
+    c, trials, parents = trial_runs(cfg["tracking"]["uri"], "ctrlc")
+    assert parents[0].info.status == "KILLED"
+    res = api.resume("ctrlc", storage=str(workdir / "results"))
+    c, trials, parents = trial_runs(cfg["tracking"]["uri"], "ctrlc")
+    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials) and res.best_trial_id
+    assert parents[0].info.status == "FINISHED"

@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except KeyboardInterrupt:
-        print("qksweep: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"qksweep: {e or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except SystemExit as e:  # --help
         return int(e.code or 0)

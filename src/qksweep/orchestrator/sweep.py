@@ -192,6 +192,8 @@ def _fit(tuner, cfg: Config, name: str, parent_run_id: str | None, state_dir: Pa
     c = runs.client(cfg.tracking.uri) if parent_run_id else None
     try:
         grid = tuner.fit()
+        if interrupted(grid, cfg.sweep.num_samples):  # Tune catches Ctrl-C itself and returns early
+            raise SweepInterrupted(f"sweep {name} interrupted; its state is saved: `qksweep resume {name}` continues it")
     except KeyboardInterrupt:
         if c:
             runs.finish_run(c, parent_run_id, "KILLED", {"qksweep.stopped_by": "user"})
@@ -215,6 +217,16 @@ def _fit(tuner, cfg: Config, name: str, parent_run_id: str | None, state_dir: Pa
     if result.best_trial_id is None:
         raise JobFailed(f"sweep {name}: every trial failed ({result.num_errors} errors); see `qksweep runs --sweep {name}`")
     return result
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped the sweep; Tune saved its state (exit code 130)."""
+
+
+def interrupted(grid, num_samples: int) -> bool:
+    trials = grid._experiment_analysis.trials  # ResultGrid hides trial statuses otherwise
+    unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
+    return bool(unfinished) or len(trials) < num_samples
 
 
 def summarize(grid, cfg: Config, name: str, parent_run_id: str | None, storage_path: str) -> SweepResult:
