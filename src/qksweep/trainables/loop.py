@@ -202,10 +202,13 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def quiet_ray_train_logs() -> None:
-    """Ray Train logs every report in full at INFO (with per-update spectra that is pages per epoch)."""
+    """Ray Train logs every report in full at INFO (with per-update spectra that is pages per epoch).
+    That logger is named after its file (``getLogger(__file__)``), not ``ray.train``."""
     import logging
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
