@@ -209,3 +209,71 @@ class BareLoop:
 
         return evaluate(self.model, self.val_batches, world=1, spiking=self.spiking, autocast=nullcontext,
                         num_classes=self.bundle.num_classes)
+
+
+# ------------------------------------------------------------------------------------------ Ray/Tune records
+
+
+def tune_trials(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Every trial of a Tune experiment, read from its newest ``experiment_state-*.json``:
+    ``trial_id``, ``status``, ``start_time`` (wall clock when Tune set the trial RUNNING),
+    ``last_result`` (with ``time_total_s``) and ``metric_analysis`` (max/min/avg per metric).
+
+    (``SweepResult.trials`` is read from per-trial result files that qksweep turns off with
+    ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS``, so it can be empty; the experiment state always holds
+    these.)"""
+    files = sorted(Path(sweep_dir).glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return []
+    state = json.loads(files[-1].read_text())
+    out = []
+    for entry in state.get("trial_data", []):
+        trial_json, meta_json = entry[0], entry[1]
+        trial = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
+        meta = json.loads(meta_json) if isinstance(meta_json, str) else meta_json
+        out.append({
+            "trial_id": trial.get("trial_id"),
+            "status": trial.get("status"),
+            "config": trial.get("config"),
+            "start_time": meta.get("start_time"),
+            "last_result_time": meta.get("last_result_time"),
+            "last_result": meta.get("last_result") or {},
+            "metric_analysis": meta.get("metric_analysis") or {},
+        })
+    return out
+
+
+def checkpoint_times(run_dir: str | Path) -> list[float]:
+    """Wall-clock times (epoch seconds) at which rank 0 called ``ray.train.report`` with a checkpoint,
+    parsed from Ray Train's default checkpoint folder names ``checkpoint_%Y-%m-%d_%H-%M-%S.%f``
+    (the storage context names the folder when ``report`` is called)."""
+    from datetime import datetime
+
+    times = []
+    for p in Path(run_dir).glob("checkpoint_*"):
+        try:
+            times.append(datetime.strptime(p.name[len("checkpoint_"):], "%Y-%m-%d_%H-%M-%S.%f").timestamp())
+        except ValueError:
+            continue
+    return sorted(times)
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float, int]]:
+    """(step, value, timestamp_ms) of one MLflow metric, by step."""
+    from mlflow.tracking import MlflowClient
+
+    hist = MlflowClient(tracking_uri).get_metric_history(run_id, key)
+    return sorted((h.step, h.value, h.timestamp) for h in hist)
+
+
+def shutdown_ray() -> None:
+    """Stop Ray before the JSON line, so that no late worker log line lands after it."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()

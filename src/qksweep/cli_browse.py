@@ -29,6 +29,12 @@ def cmd_best(args) -> int:
     from .orchestrator.export import best_trial, export_best
 
     uri = _uri(args)
+    if args.pareto:
+        from .orchestrator.export import pareto_front
+
+        front = pareto_front(uri, args.sweep, experiment=args.experiment)
+        print(json.dumps(front, indent=1, default=str) if args.format == "json" else _pareto_table(front))
+        return 0
     best = best_trial(uri, args.sweep, metric=args.metric, experiment=args.experiment)
     if args.format == "json":
         print(json.dumps(best, indent=1, default=str))
@@ -41,6 +47,16 @@ def cmd_best(args) -> int:
         files = export_best(uri, args.sweep, args.export, metric=args.metric, experiment=args.experiment)
         print(f"exported to {args.export}: " + ", ".join(str(f) for f in files))
     return 0
+
+
+def _pareto_table(front: list[dict]) -> str:
+    if not front:
+        return "no Pareto front yet (no finished trial has every objective)"
+    keys = list(front[0]["values"])
+    lines = ["  ".join(["trial_id", *keys, "run_id"])]
+    for row in front:
+        lines.append("  ".join([str(row["trial_id"]), *(f"{row['values'][k]:.4g}" for k in keys), row["run_id"]]))
+    return "\n".join(lines)
 
 
 def cmd_ui(args) -> int:
@@ -83,6 +99,7 @@ def register(sub) -> None:
     _add_uri(b)
     b.add_argument("--metric", help="metric to rank by (default: the sweep's)")
     b.add_argument("--export", metavar="DIR", help="write config.yaml, checkpoint/ and metrics.json here")
+    b.add_argument("--pareto", action="store_true", help="the Pareto front of a multi-objective sweep")
     b.add_argument("--format", choices=["table", "json"], default="table")
     b.set_defaults(func=cmd_best)
 

@@ -127,6 +127,33 @@ class SpectralConfig(_Section):
     split_qkv: bool = False
 
 
+class SNNConfig(_Section):
+    """SNN metrics measured on validation batches each epoch (``snn/*``); ViTs log the ANN energy."""
+
+    enabled: bool = True
+    val_batches: int = Field(default=2, gt=0)
+
+
+class FiringRateStop(_Section):
+    low: float = Field(default=1e-4, ge=0)
+    high: float = Field(default=0.9, le=1)
+    patience: int = Field(default=2, gt=0)
+
+
+class Bound(_Section):
+    min: float | None = None
+    max: float | None = None
+
+    def violation(self, value: float) -> float:
+        """> 0 when ``value`` is outside the bound (Optuna's constraint convention)."""
+        over = value - self.max if self.max is not None else float("-inf")
+        under = self.min - value if self.min is not None else float("-inf")
+        return max(over, under)
+
+
+STATIC_CONSTRAINTS = ("params_m", "act_mem_gb")
+
+
 class SearcherConfig(_Section):
     name: Literal["optuna", "random"] = "optuna"
     sampler: Literal["tpe", "random", "cmaes", "gp", "nsga2"] = "tpe"
@@ -145,6 +172,7 @@ class StopOnConfig(_Section):
     ``qksweep.stopped_by`` on its MLflow run."""
 
     spec_sigma_max_growth: float | None = Field(default=None, gt=1)
+    firing_rate: FiringRateStop | None = None
 
 
 class SweepConfig(_Section):
@@ -156,6 +184,7 @@ class SweepConfig(_Section):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     space: dict[str, Any] = Field(default_factory=dict)
     stop_on: StopOnConfig = Field(default_factory=StopOnConfig)
+    constraints: dict[str, Bound] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _objectives_match(self) -> "SweepConfig":
@@ -186,6 +215,7 @@ class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     spectral: SpectralConfig = Field(default_factory=SpectralConfig)
+    snn: SNNConfig = Field(default_factory=SNNConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     @field_validator("experiment")

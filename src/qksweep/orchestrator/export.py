@@ -192,3 +192,36 @@ def _write_checkpoint(c, rid: str, stage: Path) -> str | None:
         return src
     log.warning("run %s has no checkpoint artifact (%s): exported config and metrics only", rid, " or ".join(CHECKPOINT_SOURCES))
     return None
+
+
+def pareto_front(uri: str, sweep: str, *, experiment: str | None = None) -> list[dict[str, Any]]:
+    """The non-dominated finished trials of a multi-objective sweep, from the final value of each
+    objective (``qksweep.objectives`` tag: metric → max/min), best first on the first objective."""
+    try:
+        c = browse._client(uri)
+        found = browse.trial_runs(c, uri, exp_ids=browse.experiment_ids(c, uri, experiment), sweep=sweep)
+    except browse.BrowseError as e:
+        raise ExportError(str(e)) from None
+    if not found:
+        raise ExportError(f"sweep '{sweep}' has no trials in MLflow at {runs.mask_secrets(uri)}")
+    objectives = json.loads(found[0].data.tags.get("qksweep.objectives") or "{}")
+    if len(objectives) < 2:
+        raise ExportError(f"sweep '{sweep}' has one objective; --pareto needs sweep.metric as a list of metrics")
+    points = []
+    for r in found:
+        if r.info.status != "FINISHED":
+            continue
+        vals = {m: r.data.metrics.get(m) for m in objectives}
+        if all(v is not None and math.isfinite(v) for v in vals.values()):
+            points.append({"run_id": r.info.run_id, "trial_id": r.data.tags.get(browse.TRIAL), "values": vals,
+                           "params": {k: browse.parse_value(r.data.params.get(k)) for k in browse.searched_keys(r)}})
+    sign = {m: (1 if mode == "max" else -1) for m, mode in objectives.items()}
+
+    def dominates(a, b) -> bool:
+        ge = all(sign[m] * a["values"][m] >= sign[m] * b["values"][m] for m in objectives)
+        gt = any(sign[m] * a["values"][m] > sign[m] * b["values"][m] for m in objectives)
+        return ge and gt
+
+    front = [p for p in points if not any(dominates(q, p) for q in points if q is not p)]
+    first = next(iter(objectives))
+    return sorted(front, key=lambda p: -sign[first] * p["values"][first])

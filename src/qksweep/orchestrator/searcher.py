@@ -13,15 +13,21 @@ from ..config import Config, ConfigError
 from ..search_spaces import ParamSpec, make_define_by_run
 
 
+def trial_constraints(trial) -> list[float]:
+    """Optuna's constraints_func: values > 0 are violations (set by HonestOptunaSearch)."""
+    return list(trial.user_attrs.get("constraints", [0.0]))
+
+
 def make_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
     s = cfg.sweep.searcher
     multi = len(cfg.sweep.metrics) > 1
+    cf = trial_constraints if cfg.sweep.constraints else None
     if s.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True)
+        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True, constraints_func=cf)
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=s.seed)
+        return optuna.samplers.NSGAIISampler(seed=s.seed, constraints_func=cf)
     if multi:
         raise ConfigError(f"sweep.searcher.sampler '{s.sampler}' is single-objective; use tpe or nsga2 with several metrics")
     if s.sampler == "cmaes":
@@ -41,9 +47,10 @@ class HonestOptunaSearch(OptunaSearch):
     as PRUNED: TPE then ranks it by its last intermediate value at that step, below the complete ones.
     """
 
-    def __init__(self, *args, max_epochs: int, **kwargs):
+    def __init__(self, *args, max_epochs: int, constraints: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._max_epochs = max_epochs
+        self._constraints = constraints or {}
         self._last_epoch: dict[str, int] = {}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -70,6 +77,8 @@ class HonestOptunaSearch(OptunaSearch):
         stopped_early = not error and result is not None and epoch < self._max_epochs
         ot_trial = self._ot_trials[trial_id]
         try:
+            if self._constraints:
+                ot_trial.set_user_attr("constraints", self.constraint_values(result or {}))
             ot_trial.set_user_attr("epochs", epoch)
             ot_trial.set_user_attr("stopped_early", stopped_early)
             if stopped_early:
@@ -80,6 +89,15 @@ class HonestOptunaSearch(OptunaSearch):
         except Exception:  # noqa: BLE001 - fall back to Ray's handling (error, missing value)
             pass
         super().on_trial_complete(trial_id, result, error)
+
+    def constraint_values(self, result: dict) -> list[float]:
+        """One value per constraint, > 0 when violated; a trial rejected before launch (static
+        constraint, no result) counts as violating all of them."""
+        out = []
+        for key, bound in self._constraints.items():
+            v = result.get(key)
+            out.append(bound.violation(float(v)) if isinstance(v, (int, float)) else 1.0)
+        return out
 
     def orphaned_running_trials(self) -> list[int]:
         """Optuna trials asked for but unknown to Tune (the driver died in between)."""
@@ -99,6 +117,7 @@ def make_searcher(cfg: Config, specs: list[ParamSpec], storage_url: str | None) 
         storage=storage,
         study_name="qksweep",
         max_epochs=cfg.optim.epochs,
+        constraints=dict(cfg.sweep.constraints),
     )
 
 

@@ -18,7 +18,8 @@ from ..trainables.launcher import JobFailed, mask_config, storage_root
 
 STATE_FILE = "qksweep_sweep.json"
 REPORTED_METRICS = ("epoch", "step", "train/loss", "train/top1", "val/loss", "val/top1", "val/top5", "lr",
-                    "samples_per_s", "epoch_time_s", "val_ema/loss", "val_ema/top1", "val_ema/top5")
+                    "samples_per_s", "epoch_time_s", "val_ema/loss", "val_ema/top1", "val_ema/top5",
+                    "snn/energy_mj", "snn/sops", "snn/firing_rate")
 
 
 @dataclass
@@ -47,6 +48,15 @@ def check_sweep(cfg: Config) -> list[ParamSpec]:
                               f"{', '.join(m for m in REPORTED_METRICS if '/' in m)}{_suggest(metric)}")
         if metric.startswith("val_ema/") and not cfg.optim.ema:
             raise ConfigError(f"sweep.metric '{metric}' needs optim.ema: true")
+        if metric.startswith("snn/") and not cfg.snn.enabled:
+            raise ConfigError(f"sweep.metric '{metric}' needs snn.enabled: true")
+    from ..config import STATIC_CONSTRAINTS
+
+    for key, bound in cfg.sweep.constraints.items():
+        if key not in STATIC_CONSTRAINTS and key not in REPORTED_METRICS:
+            raise ConfigError(f"sweep.constraints.{key}: not a reported metric nor one of {', '.join(STATIC_CONSTRAINTS)}{_suggest(key)}")
+        if bound.min is None and bound.max is None:
+            raise ConfigError(f"sweep.constraints.{key}: give min, max or both")
     make_scheduler(cfg)
     make_sampler(cfg)
     check_space_validity(cfg, specs)
@@ -123,7 +133,8 @@ def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: 
     callbacks = []
     if parent_run_id:
         callbacks.append(SweepTracker(cfg.tracking.uri, cfg.experiment, name, parent_run_id, epochs=cfg.optim.epochs,
-                                      scheduler=cfg.sweep.scheduler.name, optuna_storage=optuna_url))
+                                      scheduler=cfg.sweep.scheduler.name, optuna_storage=optuna_url,
+                                      constraints=dict(cfg.sweep.constraints)))
     return tune.Tuner(
         _trainable(cfg.to_dict(), name, parent_run_id),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(cfg), num_samples=cfg.sweep.num_samples,

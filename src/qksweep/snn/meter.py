@@ -11,14 +11,18 @@ operands) over the model's forward.  This module only adds glue:
   paths (QKFormer's ``x + attn(x)``, SEW ``ADD``), so most Q/K/V and MLP convs get
   non-negative *integer* inputs (0, 1, 2, ...), which the stock rules treat as real
   (0 SynOps, all MACs).  Such a tensor is a sum of binary spike planes, so a value ``k``
-  is counted as ``k`` spikes: SOPs = (sum of the input) x fan-out, exactly what the stock
-  rule gives for every binary plane.  Binary operands go to the stock rules unchanged.
+  is counted as ``k`` spikes: SOPs = (sum of the input) x fan-out, op_counter's own
+  formula for a binary operand (``nnz x n`` for matmuls, ones-kernel occupancy for convs,
+  exact at borders) applied to the spike count.  Spike x spike products (attention) use
+  op_counter's rule unchanged (coincidences, ``out.sum()``).  Each operand is classified
+  once per op (binary / spike count / real) and shared by both counters.
 * **First layer.**  The module that runs the first ``mm``/``conv`` of the forward is the
   encoding layer; its real-valued ops are MACs (``snn/flops_first_layer``).  When the model
   has ``time_steps`` = T and that layer's input is the same at every step (a static image
   repeated T times, as every qksweep SNN does), it is counted once per image, as in the
-  papers (E_MAC x FL_conv1, no T); otherwise as executed.  An all-binary (event) input makes
-  it a spike-driven layer: SOPs, no MACs.
+  papers (E_MAC x FL_conv1, no T); otherwise as executed.  A spike-valued (event) input
+  makes it a spike-driven layer: SOPs, no MACs -- so feed normalised images (raw 0..255
+  integer pixels would be taken for spike counts).
 * **Other real-valued ops** (e.g. the classifier on time/token-averaged features) are
   reported as ``snn/macs_other`` and, following the papers, left out of the energy unless
   ``count_other_macs=True``.
@@ -49,7 +53,6 @@ from spikingjelly.activation_based.op_counter import (
     MACCounter,
     SimpleEnergyCostConfig,
     SynOpCounter,
-    is_binary_tensor,
 )
 from spikingjelly.activation_based.op_counter import ac as _oc_ac
 from spikingjelly.activation_based.op_counter import mac as _oc_mac
@@ -102,22 +105,39 @@ _OPERANDS = {
 _CONV = aten.convolution.default
 
 
-def _spike_count(x: Any) -> Optional[float]:
-    """Total spike count if ``x`` is a spike tensor (bool, or non-negative integer values
-    such as a sum of spike tensors), else ``None``."""
+# Operand classification, memoised for the duration of one aten op (both counters look
+# at the same operands; _ScopedSynOps.count, which runs first, clears it).  The tensor is
+# kept referenced so that its id cannot be reused while the entry lives.
+_CLASSIFIED: dict[int, tuple[torch.Tensor, Optional[float], bool]] = {}
+
+
+def _classify(x: Any) -> tuple[Optional[float], bool]:
+    """(spike count, binary?) of an operand.  The count is ``None`` unless ``x`` is a spike
+    tensor: bool, or non-negative integer values (a sum of spike tensors counts as that
+    many spikes); binary = values in {0, 1}."""
     if not torch.is_tensor(x):
-        return None
+        return None, False
+    hit = _CLASSIFIED.get(id(x))
+    if hit is not None and hit[0] is x:
+        return hit[1], hit[2]
     if x.dtype == torch.bool:
-        return float(x.count_nonzero().item())
-    if x.is_complex():
-        return None
-    if x.numel() == 0:
-        return 0.0
-    if not bool(x.ge(0).all().item()):
-        return None
-    if x.is_floating_point() and not bool(x.eq(x.trunc()).all().item()):
-        return None
-    return float(x.sum(dtype=torch.float64).item())
+        res: tuple[Optional[float], bool] = (float(x.count_nonzero().item()), True)
+    elif x.is_complex() or not (x.is_floating_point() or x.dtype.is_signed or x.dtype == torch.uint8):
+        res = (None, False)
+    elif x.numel() == 0:
+        res = (0.0, True)
+    else:
+        lo, hi = (float(v) for v in torch.stack(torch.aminmax(x)).tolist())
+        if lo < 0 or (x.is_floating_point() and not bool(x.eq(x.trunc()).all().item())):
+            res = (None, False)  # real-valued (cheap exit on negatives: BN outputs, images)
+        else:
+            res = (float(x.sum(dtype=torch.float64).item()), hi <= 1)
+    _CLASSIFIED[id(x)] = (x, *res)
+    return res
+
+
+def _spike_count(x: Any) -> Optional[float]:
+    return _classify(x)[0]
 
 
 def _conv_spike_uses(x: torch.Tensor, w: torch.Tensor, args: Sequence[Any]) -> float:
@@ -141,22 +161,28 @@ def _conv_spike_uses(x: torch.Tensor, w: torch.Tensor, args: Sequence[Any]) -> f
 
 
 def _synop_rule(op: Any, stock: Any):
-    """op_counter's SynOp rule for ``op``, extended to multi-spike (integer) operands."""
+    """op_counter's SynOp rule for ``op``, extended to multi-spike (integer) operands.
+
+    Spike x spike (both binary): op_counter's rule (coincidences = ``out.sum()``).  One
+    spike operand: its spikes times the fan-out, the same formula op_counter uses for a
+    binary operand (``nnz x n`` for matmuls, ones-kernel occupancy for convs), applied to
+    the spike *count* so that integer-valued residual sums are covered.
+    """
     i, j = _OPERANDS[op]
+    conv = op is _CONV
 
     def rule(args, kwargs, out):
         x, y = args[i], args[j]
-        if is_binary_tensor(x) or is_binary_tensor(y):
+        cx, bx = _classify(x)
+        cy, by = _classify(y)
+        if bx and by:
             return stock(args, kwargs, out)
-        cx = _spike_count(x)
-        if cx is not None:  # the activation drives: every spike accumulates its fan-out
-            if op is _CONV:
-                return int(round(_conv_spike_uses(x, y, args)))
-            return int(round(cx * y.shape[-1]))
-        if op is not _CONV:
-            cy = _spike_count(y)
-            if cy is not None:  # e.g. real @ spikes: every spike accumulates a column
-                return int(round(cy * x.shape[-2]))
+        if bx or (cx is not None and not by):  # every input spike accumulates its fan-out
+            return int(round(_conv_spike_uses(x, y, args) if conv else cx * y.shape[-1]))
+        if by and conv:  # binary weights on a real input: op_counter's weight-driven count
+            return stock(args, kwargs, out)
+        if cy is not None and not conv:  # real @ spikes: every spike accumulates a column
+            return int(round(cy * x.shape[-2]))
         return 0
 
     return rule
@@ -168,7 +194,8 @@ def _mac_rule(op: Any, stock: Any):
 
     def rule(args, kwargs, out):
         x, y = args[i], args[j]
-        if _spike_count(x) is not None or (op is not _CONV and _spike_count(y) is not None):
+        cy, by = _classify(y)
+        if _spike_count(x) is not None or (by if op is _CONV else cy is not None):
             return 0
         return stock(args, kwargs, out)
 
@@ -210,6 +237,7 @@ class _ScopedSynOps(SynOpCounter):
         self.by_scope: dict[str, int] = defaultdict(int)
 
     def count(self, func, args, kwargs, out, active_modules=None, parent_names=None) -> int:
+        _CLASSIFIED.clear()  # a new op: forget the previous op's operands
         v = super().count(func, args, kwargs, out, active_modules=active_modules, parent_names=parent_names)
         if v:
             self.by_scope[_innermost(parent_names)] += v
@@ -316,6 +344,10 @@ class SNNMeter:
     input, else dim 0.  ``static_input``: count the first layer once per image when its
     input is repeated over ``model.time_steps`` (None/True: detect it, False: as executed).
     ``count_other_macs``: add ``snn/macs_other`` to the energy at ``first_layer_pj``.
+
+    Pass the bare model (not a DDP wrapper, whose ``module.`` prefix would end up in the
+    layer names).  One meter measures at a time per process (op_counter's module tracker
+    and the operand cache are process-global).
     """
 
     def __init__(
@@ -414,6 +446,7 @@ class SNNMeter:
         finally:
             for h in handles:
                 h.remove()
+            _CLASSIFIED.clear()
             self._active = False
 
     def update(self, x: Any, *, n_images: Optional[int] = None, reset_net: bool = True) -> Any:
@@ -476,20 +509,38 @@ def _as_batch_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
+def _sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 def ann_macs(model: nn.Module, input_shape: Sequence[int]) -> float:
     """Multiply-accumulates per image of one forward (matmul, conv and attention, counted
-    by ``torch.utils.flop_counter.FlopCounterMode``: MACs = FLOPs / 2).  ``input_shape`` is
-    ``(C, H, W)`` or ``(N, C, H, W)``; runs one no-grad forward on random input."""
+    by ``torch.utils.flop_counter.FlopCounterMode``: MACs = FLOPs / 2; CPU's fused
+    attention kernel is given torch's own SDPA formula, which it lacks).  ``input_shape``
+    is ``(C, H, W)`` or ``(N, C, H, W)``; runs one no-grad, eval-mode forward on random
+    input (the model's train/eval mode is restored)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     shape = _as_batch_shape(input_shape)
     p = next(iter(model.parameters()), None)
     x = torch.randn(shape, device=p.device if p is not None else "cpu")
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x)
-    if getattr(model, "is_spiking", False):
-        functional.reset_net(model)
+    extra = {
+        packet: _sdpa_flop
+        for packet in (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None),)
+        if packet is not None
+    }
+    counter = FlopCounterMode(display=False, custom_mapping=extra)
+    was_training = model.training
+    model.eval()  # the counting forward must not move BatchNorm statistics
+    try:
+        with torch.no_grad(), counter:
+            model(x)
+    finally:
+        model.train(was_training)
+        if getattr(model, "is_spiking", False):
+            functional.reset_net(model)
     return counter.get_total_flops() / 2 / shape[0]
 
 

@@ -47,6 +47,8 @@ class MLflowEpochLogger(UserCallback):
         if replay and int(replay.get("epoch", 0)) not in self._seen:
             self._log_epoch(replay)
         self._log_epoch(m)
+        if m.get("_tags"):
+            runs.set_tags(self._c(), self.run_id, m["_tags"])
         if m.get("_stopped_by"):
             runs.set_tags(self._c(), self.run_id, {"qksweep.stopped_by": m["_stopped_by"],
                                                    "qksweep.stop_reason": str(m.get("_stop_reason") or ""),

@@ -15,10 +15,11 @@ log = logging.getLogger("qksweep.tracking")
 
 class SweepTracker(Callback):
     def __init__(self, tracking_uri: str, experiment: str, sweep: str, parent_run_id: str, *, epochs: int,
-                 scheduler: str, optuna_storage: str | None):
+                 scheduler: str, optuna_storage: str | None, constraints: dict | None = None):
         self.uri, self.experiment, self.sweep = tracking_uri, experiment, sweep
         self.parent_run_id, self.epochs, self.scheduler = parent_run_id, epochs, scheduler
         self.optuna_storage = optuna_storage
+        self.constraints = constraints or {}
 
     def _run_id(self, trial_id: str) -> tuple[object, str | None, str | None]:
         c = runs.client(self.uri)
@@ -41,9 +42,17 @@ class SweepTracker(Callback):
                                                           "qksweep.stopped_at_epoch": str(decided)})
                 else:
                     runs.finalize_run(self.uri, run_id, (trial.last_result or {}).get("checkpoint_path"))
+            if run_id:
+                self._mark_constraints(c, run_id, trial.last_result or {})
         except Exception as e:  # noqa: BLE001 - tracking trouble must not stop the sweep
             log.warning("could not close the MLflow run of trial %s: %s", trial.trial_id, runs.mask_secrets(str(e))[:200])
         self.refresh_parent()
+
+    def _mark_constraints(self, c, run_id: str, result: dict) -> None:
+        broken = [f"{k}={result[k]:.4g}" for k, b in self.constraints.items()
+                  if isinstance(result.get(k), (int, float)) and b.violation(float(result[k])) > 0]
+        if broken:
+            runs.set_tags(c, run_id, {"qksweep.constraint_violated": ", ".join(broken)})
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         try:

@@ -170,15 +170,18 @@ def maybe_reset(model: torch.nn.Module, spiking: bool) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, *, world: int, spiking: bool, autocast, num_classes: int) -> dict[str, float]:
-    """Loss, top-1 and top-5 summed over this worker's shard, then over all workers."""
+def evaluate(model: torch.nn.Module, batches, *, world: int, spiking: bool, autocast, num_classes: int,
+             meter=None, meter_batches: int = 0) -> dict[str, float]:
+    """Loss, top-1 and top-5 summed over this worker's shard, then over all workers. With an
+    SNN ``meter``, its first ``meter_batches`` batches are also counted (spikes, SOPs, energy)."""
     model.eval()
     device = next(model.parameters()).device
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     k = min(5, num_classes)
-    for x, y in batches:
-        with autocast():
-            out = model(x)
+    for i, (x, y) in enumerate(batches):
+        with (meter.measuring(n_images=len(x)) if meter is not None and i < meter_batches else nullcontext()):
+            with autocast():
+                out = model(x)
         maybe_reset(model, spiking)
         out = out.float()
         topk = out.topk(k, dim=-1).indices
@@ -239,6 +242,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     criterion = build_criterion(cfg, mixup is not None)
     monitor = make_monitor(cfg, model, ema) if rank == 0 else None
     stop_rule = make_stop_rule(cfg) if monitor is not None else None
+    meter, static_snn, run_tags = make_snn_measures(cfg, model, spiking) if rank == 0 else (None, {}, {})
+    fr_rule = make_firing_rate_rule(cfg) if (rank == 0 and spiking) else None
 
     start_epoch, num_updates = 0, 0
     replay: dict[str, Any] | None = None
@@ -260,6 +265,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             monitor.load_state_dict(state["spectral"])
         if stop_rule is not None and "stop_rule" in state:
             stop_rule.load_state_dict(state["stop_rule"])
+        if fr_rule is not None and "fr_rule" in state:
+            fr_rule.load_state_dict(state["fr_rule"])
         set_rng_state(state["rng"])
         start_epoch, num_updates = int(state["epoch"]), int(state["updates"])
         # The resumed epoch's metrics ride along with the first report: if the process died after
@@ -332,7 +339,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if bad_step >= 0 or not math.isfinite(loss_sum):
             raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, step {max(bad_step, num_updates)}")
         val = evaluate(ddp_model, val_batches, world=world, spiking=spiking, autocast=autocast,
-                       num_classes=bundle.num_classes)
+                       num_classes=bundle.num_classes, meter=meter, meter_batches=cfg.snn.val_batches)
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": num_updates,
@@ -348,6 +355,18 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             ev = evaluate(ema.module, val_batches, world=world, spiking=spiking, autocast=autocast,
                           num_classes=bundle.num_classes)
             metrics.update({"val_ema/loss": ev["loss"], "val_ema/top1": ev["top1"], "val_ema/top5": ev["top5"]})
+        metrics.update(static_snn)
+        if meter is not None:
+            metrics.update(meter.compute())
+            meter.reset()
+        if fr_rule is not None and reason_text is None:
+            reason_text = fr_rule.check(metrics)
+            if reason_text:
+                stop_reason.fill_(2.0)
+        if cfg.sweep.stop_on.firing_rate is not None and spiking:  # every rank learns rank 0's decision
+            stop_reason = all_max(stop_reason, world)
+        if run_tags:
+            metrics["_tags"], run_tags = run_tags, {}
         metrics["epoch_time_s"] = time.perf_counter() - t0
         if spec_buffer:
             metrics["_spec"] = spec_buffer
@@ -355,7 +374,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             metrics["_replay"], replay = replay, None
         stopping = bool(stop_reason.item() > 0)
         if stopping and rank == 0:
-            metrics["_stopped_by"] = "spectral"
+            metrics["_stopped_by"] = "firing_rate" if stop_reason.item() == 2.0 else "spectral"
             metrics["_stop_reason"] = reason_text
 
         if rank == 0:
@@ -371,6 +390,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 state["spectral"] = monitor.state_dict()
             if stop_rule is not None:
                 state["stop_rule"] = stop_rule.state_dict()
+            if fr_rule is not None:
+                state["fr_rule"] = fr_rule.state_dict()
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, state, cfg.to_dict())
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -414,6 +435,32 @@ def all_max(t: torch.Tensor, world: int) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
+
+
+def make_snn_measures(cfg: Config, model: torch.nn.Module, spiking: bool):
+    """(meter for SNNs, constant metrics, run tags). ViTs get the ANN-equivalent energy once, so both
+    families sit on one energy axis."""
+    if not cfg.snn.enabled:
+        return None, {}, {}
+    from ..snn import ENERGY_ASSUMPTIONS, SNNMeter, ann_energy_mj
+
+    tags = {f"qksweep.{k}": v for k, v in ENERGY_ASSUMPTIONS.items()}
+    if spiking:
+        return SNNMeter(model), {}, tags
+    size = cfg.data.img_size
+    model.eval()  # a counting forward must not move BatchNorm statistics
+    energy = ann_energy_mj(model, (1, 3, size, size))
+    model.train()
+    return None, {"snn/energy_mj": energy}, tags
+
+
+def make_firing_rate_rule(cfg: Config):
+    rule = cfg.sweep.stop_on.firing_rate
+    if rule is None or not cfg.snn.enabled:
+        return None
+    from ..snn import FiringRateStopRule
+
+    return FiringRateStopRule(low=rule.low, high=rule.high, patience=rule.patience)
 
 
 def stop_check_due(cfg: Config, num_updates: int) -> bool:

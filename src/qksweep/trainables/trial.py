@@ -54,8 +54,16 @@ def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, pa
         if created:
             runs.set_tags(c, run_id, {**trial_tags(sweep, trial_id, parent_run_id),
                                       "qksweep.searched": json.dumps(sorted(sample)),
-                                      "qksweep.metric": cfg.sweep.metrics[0], "qksweep.mode": cfg.sweep.modes[0]})
+                                      "qksweep.metric": cfg.sweep.metrics[0], "qksweep.mode": cfg.sweep.modes[0],
+                                      "qksweep.objectives": json.dumps(dict(zip(cfg.sweep.metrics, cfg.sweep.modes)))})
             log_config_artifact(cfg, run_id)
+    rejected = static_violation(cfg)
+    if rejected:  # never started: no Train run, no worker; the run records why
+        if c:
+            runs.log_metrics(c, run_id, {rejected[0]: rejected[1]}, step=0)
+            runs.close_if_running(c, run_id, "KILLED", {"qksweep.stopped_by": "constraint",
+                                                        "qksweep.constraint_violated": rejected[2]})
+        return
     trainer = make_trainer(cfg, run_name=name, run_id=run_id, callbacks=[PublicTuneReport()],
                            label=f"[{trial_id}] ")
     try:
@@ -66,3 +74,24 @@ def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, pa
         raise RuntimeError(first_line(e)) from None
     if c:
         runs.finalize_run(cfg.tracking.uri, run_id, result.checkpoint.path if result.checkpoint else None)
+
+
+def static_violation(cfg) -> tuple[str, float, str] | None:
+    """(key, value, message) of the first static constraint the trial's config breaks."""
+    from ..config import STATIC_CONSTRAINTS
+
+    wanted = {k: b for k, b in cfg.sweep.constraints.items() if k in STATIC_CONSTRAINTS}
+    if not wanted:
+        return None
+    from ..snn import static_checks
+
+    for key, bound in wanted.items():
+        if key == "params_m":
+            value = static_checks.param_count_m(cfg)
+        else:
+            value = static_checks.activation_memory_estimate_gb(
+                cfg.model.name, cfg.model.overrides(), cfg.data.img_size, cfg.data.batch_size,
+                cfg.model.time_steps or 1)
+        if bound.violation(value) > 0:
+            return key, value, f"{key}={value:.4g} outside [{bound.min}, {bound.max}]"
+    return None

@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""Does early stopping save compute? ASHA+TPE against random search without early stopping.
+
+Both sweeps run on digits with the main job's config (``configs/digits_qkformer.yaml``) and search
+space, the same number of trials and the same searcher seed, one after the other in one local Ray:
+
+* ``asha``:   ``sweep.searcher.sampler: tpe``,    ``sweep.scheduler: {name: asha, grace_period, reduction_factor}``
+* ``random``: ``sweep.searcher.sampler: random``, ``sweep.scheduler: {name: none}`` (every trial runs all epochs)
+
+Trial-seconds are the sum over trials of Tune's ``time_total_s`` (trainable start to its last
+report: the trial's Train run start-up plus its epochs), read from Tune's experiment state. The best
+score of each sweep is the best ``val/top1`` any trial reached at any epoch.
+
+Keys: ``asha_compute_ratio`` = random trial-seconds ÷ ASHA's (goal ≥ 3), ``asha_best_gap`` = best
+random − best ASHA (goal ≤ 0.005), plus the parts that explain them: epochs trained by each
+(``asha_epoch_ratio``), the epoch-time ratio without per-trial start-up, and the per-trial fixed
+cost (``trial_overhead_s``: ``time_total_s`` minus the trial's summed ``epoch_time_s``).
+
+    python bench/sweep_efficiency.py --quick     # 8 trials x 12 epochs at 8x8 px, grace 1, rf 3 (~6 min on 2 CPUs)
+    python bench/sweep_efficiency.py             # the main job: 12 trials x 12 epochs at 16x16, grace 2, rf 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import emit, load_yaml, log, median, shutdown_ray, tune_trials, with_overrides  # noqa: E402
+
+QUICK = dict(num_samples=8, epochs=12, grace_period=1, reduction_factor=3, img_size=8)
+FULL = dict(num_samples=12, epochs=12, grace_period=2, reduction_factor=3, img_size=16)
+
+
+def sweep_config(base: dict, *, arm: str, tmp: Path, num_samples: int, epochs: int, grace_period: int,
+                 reduction_factor: int, img_size: int, seed: int) -> dict:
+    cfg = with_overrides(base, optim={"epochs": epochs}, data={"img_size": img_size},
+                         run={"storage": str(tmp / "results")}, tracking={"uri": f"sqlite:///{tmp / 'mlflow.db'}"})
+    sw = dict(cfg["sweep"])
+    sw["num_samples"] = num_samples
+    if arm == "asha":
+        sw["searcher"] = {**sw.get("searcher", {}), "sampler": "tpe", "seed": seed}
+        sw["scheduler"] = {"name": "asha", "grace_period": grace_period, "reduction_factor": reduction_factor}
+    else:
+        sw["searcher"] = {**sw.get("searcher", {}), "sampler": "random", "seed": seed}
+        sw["scheduler"] = {"name": "none"}
+    cfg["sweep"] = sw
+    return cfg
+
+
+def summarize_arm(trials: list[dict], wall_s: float, metric: str = "val/top1") -> dict:
+    rows = []
+    for t in trials:
+        lr = t["last_result"]
+        ma = t["metric_analysis"]
+        epochs = int(lr.get("epoch", 0) or 0)
+        ep_avg = (ma.get("epoch_time_s") or {}).get("avg")
+        ep_sum = ep_avg * epochs if ep_avg is not None else None
+        total = lr.get("time_total_s")
+        rows.append({
+            "trial_id": t["trial_id"],
+            "status": t["status"],
+            "epochs": epochs,
+            "time_total_s": total,
+            "epoch_time_sum_s": ep_sum,
+            "best": (ma.get(metric) or {}).get("max"),
+            "config": t["config"],
+        })
+    total_s = sum(r["time_total_s"] or 0.0 for r in rows)
+    ep_s = sum(r["epoch_time_sum_s"] or 0.0 for r in rows)
+    bests = [r["best"] for r in rows if r["best"] is not None]
+    return {
+        "trials": len(rows),
+        "trial_seconds": total_s,
+        "epoch_seconds": ep_s,
+        "epochs": sum(r["epochs"] for r in rows),
+        "best": max(bests) if bests else None,
+        "wall_s": wall_s,
+        "trial_overhead_s": median((r["time_total_s"] or 0) - (r["epoch_time_sum_s"] or 0) for r in rows),
+        "stopped_early": sum(1 for r in rows if r["epochs"] < max((x["epochs"] for x in rows), default=0)),
+        "per_trial": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="8 trials x 12 epochs at 8x8 px (a few minutes on 2 CPUs)")
+    ap.add_argument("--num-samples", type=int)
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--grace-period", type=int)
+    ap.add_argument("--reduction-factor", type=int)
+    ap.add_argument("--img-size", type=int)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--config", default="digits_qkformer.yaml", help="a config under configs/ (default: the main job)")
+    ap.add_argument("--keep", help="keep the sweeps' storage and MLflow store in this folder")
+    args = ap.parse_args(argv)
+
+    settings = dict(QUICK if args.quick else FULL)
+    for k in settings:
+        v = getattr(args, k)
+        if v is not None:
+            settings[k] = v
+
+    tmp = Path(args.keep).resolve() if args.keep else Path(tempfile.mkdtemp(prefix="qksweep-bench-sweep-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    os.chdir(tmp)  # MLflow puts a SQLite store's artifacts under ./mlruns of the working directory
+    base = load_yaml(args.config)
+
+    from qksweep import api
+    from qksweep.cluster.connect import ensure_ray
+
+    t0 = time.perf_counter()
+    ensure_ray()
+    log(f"ray started in {time.perf_counter() - t0:.1f}s; settings {settings}; storage {tmp}")
+
+    arms = {}
+    stamp = time.strftime("%H%M%S")
+    for arm in ("asha", "random"):
+        cfg = sweep_config(base, arm=arm, tmp=tmp, seed=args.seed, **settings)
+        name = f"bench-{arm}-{stamp}"
+        t = time.perf_counter()
+        res = api.sweep(cfg, name=name)
+        wall = time.perf_counter() - t
+        trials = tune_trials(Path(res.storage_path))
+        arms[arm] = summarize_arm(trials, wall)
+        arms[arm]["best_reported"] = (res.best_metrics or {}).get("val/top1")
+        log(f"{arm}: {arms[arm]['trials']} trials, {arms[arm]['epochs']} epochs, "
+            f"{arms[arm]['trial_seconds']:.0f} trial-s, best {arms[arm]['best']}, wall {wall:.0f}s")
+
+    shutdown_ray()
+    if not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    a, r = arms["asha"], arms["random"]
+
+    def ratio(x, y):
+        return x / y if x and y else None
+
+    out = {
+        "benchmark": "sweep_efficiency",
+        "asha_compute_ratio": ratio(r["trial_seconds"], a["trial_seconds"]),
+        "asha_best_gap": (r["best"] - a["best"]) if a["best"] is not None and r["best"] is not None else None,
+        "asha_epoch_ratio": ratio(r["epochs"], a["epochs"]),
+        "asha_epoch_seconds_ratio": ratio(r["epoch_seconds"], a["epoch_seconds"]),
+        "asha_wall_ratio": ratio(r["wall_s"], a["wall_s"]),
+        "asha_trial_seconds": a["trial_seconds"],
+        "random_trial_seconds": r["trial_seconds"],
+        "asha_best": a["best"],
+        "random_best": r["best"],
+        "trial_overhead_s": median([a["trial_overhead_s"], r["trial_overhead_s"]]),
+        "settings": {**settings, "seed": args.seed, "config": args.config, "quick": args.quick,
+                     "cpus": os.cpu_count()},
+        "arms": arms,
+    }
+    emit(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
