@@ -91,7 +91,7 @@ def static_violation(cfg) -> tuple[str, float, str] | None:
         else:
             value = static_checks.activation_memory_estimate_gb(
                 cfg.model.name, cfg.model.overrides(), cfg.data.img_size, cfg.data.batch_size,
-                cfg.model.time_steps or 1)
+                cfg.model.time_steps)
         if bound.violation(value) > 0:
             return key, value, f"{key}={value:.4g} outside [{bound.min}, {bound.max}]"
     return None
