@@ -13,21 +13,16 @@ from ..config import Config, ConfigError
 from ..search_spaces import ParamSpec, make_define_by_run
 
 
-def trial_constraints(trial) -> list[float]:
-    """Optuna's constraints_func: values > 0 are violations (set by HonestOptunaSearch)."""
-    return list(trial.user_attrs.get("constraints", [0.0]))
-
-
 def make_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
     s = cfg.sweep.searcher
     multi = len(cfg.sweep.metrics) > 1
-    cf = trial_constraints if cfg.sweep.constraints else None
+    # constraints reach TPE/NSGA-II through Trial.set_constraint (Optuna 5), see HonestOptunaSearch
     if s.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True, constraints_func=cf)
+        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True)
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=s.seed, constraints_func=cf)
+        return optuna.samplers.NSGAIISampler(seed=s.seed)
     if multi:
         raise ConfigError(f"sweep.searcher.sampler '{s.sampler}' is single-objective; use tpe or nsga2 with several metrics")
     if s.sampler == "cmaes":
@@ -77,8 +72,8 @@ class HonestOptunaSearch(OptunaSearch):
         stopped_early = not error and result is not None and epoch < self._max_epochs
         ot_trial = self._ot_trials[trial_id]
         try:
-            if self._constraints:
-                ot_trial.set_user_attr("constraints", self.constraint_values(result or {}))
+            for key, value in zip(self._constraints, self.constraint_values(result or {})):
+                ot_trial.set_constraint(key, value)
             ot_trial.set_user_attr("epochs", epoch)
             ot_trial.set_user_attr("stopped_early", stopped_early)
             if stopped_early:
