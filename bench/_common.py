@@ -44,13 +44,18 @@ def clean(x: Any) -> Any:
     if isinstance(x, float):
         if not math.isfinite(x):
             return None
+        if abs(x) >= 1e5:  # timestamps and large counts keep their digits
+            return round(x, 3)
         return float(f"{x:.6g}")
     return x
 
 
+_T0 = time.perf_counter()
+
+
 def log(*args: Any) -> None:
-    """Progress lines go to stderr, so that stdout's last line stays the JSON."""
-    print(*args, file=sys.stderr, flush=True)
+    """Progress lines go to stderr (stdout's last line stays the JSON), with the seconds since start."""
+    print(f"[{time.perf_counter() - _T0:6.1f}s]", *args, file=sys.stderr, flush=True)
 
 
 def median(xs: Iterable[float]) -> float:

@@ -6,18 +6,19 @@ width 64, T 2, digits at 16x16, batch 64), side by side in one process tree, rep
 alternating, and every figure is a median.
 
 * ``train_overhead_ratio``: steady-state train samples/s of ``qksweep.api.train`` (Ray Train, 1 worker,
-  MLflow on, spectra off) ÷ the same samples/s of a bare in-process loop (:class:`_common.BareLoop`: the
-  same ``build_model``/``build_batches``/optimizer/scheduler, no Ray, MLflow, checkpoints or metric sums)
-  at torch's default thread count, i.e. what ``python train.py`` gets on this machine. Samples/s are
-  measured the way ``train_loop`` reports ``samples_per_s``: epoch start to the last update, before
-  validation; epoch 1 (start-up, warm-up) is left out.
-* ``train_overhead_ratio_same_threads``: the same, against the bare loop at the thread count the Ray
-  worker actually gets (Ray sets ``OMP_NUM_THREADS`` to the worker's ``run.cpus_per_worker``, 1 by
-  default): the pure orchestration cost, without the thread allocation.
+  MLflow on, spectra off) ÷ the same samples/s of a bare PyTorch loop (:class:`_common.BareLoop`: the
+  same ``build_model``/``build_batches``/optimizer/scheduler, no Ray, MLflow, checkpoints or metric
+  sums) run as a plain Python process with the thread count the Ray worker gets (Ray sets
+  ``OMP_NUM_THREADS`` to the worker's ``run.cpus_per_worker``, 1 by default; the report probe below
+  records what the worker really ran). Samples/s are measured the way ``train_loop`` reports
+  ``samples_per_s``: epoch start to the last update, before validation; epoch 1 is left out.
+* ``train_overhead_ratio_vs_default_threads``: the same against the bare loop at torch's default
+  thread count (all cores: what ``python train.py`` gets). On a shared 2-CPU machine two threads
+  are often slower than one for this small model, so this is a secondary figure.
 * ``train_overhead_ratio_epoch_wall``: epoch cadence instead of loop throughput: the bare loop's
   train+validation time per epoch ÷ the time between two consecutive ``ray.train.report`` calls of
   the qksweep worker (read from the checkpoint folder names Ray Train stamps at report time), so the
-  checkpoint, report and everything else between epochs is included.
+  checkpoint, report, SNN metering and everything else between epochs is included.
 * ``sweep_overhead_ratio``: the steady-state samples/s inside a one-trial ``qksweep.api.sweep``
   (scheduler none, MLflow on, spectra at the config's settings) ÷ the same bare loop.
 * ``trial_startup_s``: from Tune setting the trial RUNNING (``start_time`` in Tune's experiment state)
@@ -28,14 +29,18 @@ alternating, and every figure is a median.
   creation (the trial driver is running) and adds the time from the ``api.sweep`` call.
 * ``report_latency_s``: how long one ``ray.train.report`` blocks the loop, measured inside a tiny
   ``TorchTrainer`` function (1 worker, 1 CPU) that times its own report calls, with a checkpoint of
-  the real checkpoint's size and without, for reports spaced by 0.5 s of "work" and back to back,
-  at the health-check interval qksweep sets (0.2 s) and at Ray's default (2.0 s), each in its own Ray.
-  The headline is the with-checkpoint, spaced figure at 0.2 s.
+  the real checkpoint's size and without, for reports back to back and spaced by 0.5 s and 3 s of
+  "work", at the health-check interval qksweep sets (0.2 s) and at Ray's default (2.0 s), each in
+  its own Ray. The headline is the with-checkpoint figure at 0.2 s, spaced by 0.5 s. (A report puts
+  its result into the worker's one-slot queue, which the controller empties once per interval: it
+  blocks only while the previous report is still there. Back to back that is one interval; spaced
+  by less than the interval, the rest of it; spaced by more, only the checkpoint copy.)
 * ``mlflow_log_s_per_epoch``: time of ``MLflowEpochLogger.after_report`` for one epoch (one batch of
   epoch metrics plus one spectral measurement of the model's default targets, against a SQLite
-  store), called directly; the first call (run look-ups) is reported apart.
+  store), called directly; the first call (run look-ups) is reported apart. It runs in the Train
+  controller, not in the worker: it delays the loop only when it takes longer than an epoch.
 
-    python bench/overhead.py --quick        # 3 epochs x 2 repeats (~6 min on 2 CPUs)
+    python bench/overhead.py --quick        # 3 epochs x 2 repeats (~7 min on 2 CPUs)
     python bench/overhead.py                # 5 epochs x 3 repeats
 """
 
@@ -247,23 +252,60 @@ def first_step_time(h: dict, steps: int) -> float | None:
     return h["report_times"][0] - h["epoch_time_s"][0] + train_s / steps
 
 
-def bare_run(cfg: dict, epochs: int, threads: int) -> dict:
+def bare_run(cfg: dict, epochs: int) -> dict:
+    """The bare loop, in this process (run by :func:`bare_subprocess`)."""
     import torch
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    loop = BareLoop(cfg)
+    sps, per = [], []
+    for _ in range(epochs):
+        r = loop.train_epoch()
+        t = time.perf_counter()
+        loop.validate()
+        sps.append(r["samples_per_s"])
+        per.append(r["train_s"] + time.perf_counter() - t)
+    return {"threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "samples_per_s": sps, "epoch_period_s": per, "steps": len(loop.train_batches)}
+
+
+def bare_subprocess(cfg: dict, epochs: int, threads: int | None, tmp: Path) -> dict:
+    """The bare loop as ``python train.py`` runs it: a fresh process, with ``OMP_NUM_THREADS`` set
+    before torch starts exactly as Ray sets it for a worker (``threads``), or unset (torch's default)."""
+    cfg_file = tmp / f"bare-{time.time_ns()}.json"
+    cfg_file.write_text(json.dumps(cfg))
+    env = dict(os.environ)
+    env.pop("OMP_NUM_THREADS", None)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    p = subprocess.run([sys.executable, SCRIPT, "--bare-loop", str(cfg_file), "--epochs", str(epochs)],
+                       capture_output=True, text=True, env=env, timeout=1200)
+    res = last_json(p.stdout)
+    if res is None:
+        raise RuntimeError(f"bare loop failed: {(p.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return res
+
+
+def task_timeline(since: float, until: float) -> list[dict]:
+    """Ray tasks and actor creations that started between ``since`` and ``until`` (wall clock, s),
+    from Ray's state API: where a trial's start-up goes (best effort; [] if the API is unavailable)."""
     try:
-        loop = BareLoop(cfg)
-        sps, per = [], []
-        for _ in range(epochs):
-            r = loop.train_epoch()
-            t = time.perf_counter()
-            loop.validate()
-            sps.append(r["samples_per_s"])
-            per.append(r["train_s"] + time.perf_counter() - t)
-        return {"threads": threads, "samples_per_s": sps, "epoch_period_s": per, "steps": len(loop.train_batches)}
-    finally:
-        torch.set_num_threads(old)
+        from ray.util.state import list_tasks
+
+        tasks = list_tasks(detail=True, limit=10000, raise_on_missing_output=False)
+    except Exception as e:  # noqa: BLE001
+        return [{"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}]
+    first: dict[str, dict] = {}
+    for t in tasks:
+        start = (t.start_time_ms or 0) / 1000
+        if not start or start < since - 1 or start > until:
+            continue
+        name = t.func_or_class_name or t.name
+        end = (t.end_time_ms or 0) / 1000 or None
+        row = {"name": name, "type": str(t.type), "created_s": ((t.creation_time_ms or 0) / 1000 or start) - since,
+               "start_s": start - since, "end_s": (end - since) if end else None}
+        if name not in first or row["start_s"] < first[name]["start_s"]:
+            first[name] = row
+    return sorted(first.values(), key=lambda r: r["start_s"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--skip-report-latency", action="store_true")
     ap.add_argument("--keep", help="keep storage and MLflow stores in this folder")
-    # internal: one report-latency probe in this process
+    # internal: one report-latency probe / one bare loop in this process
     ap.add_argument("--report-probe", metavar="INTERVAL", help=argparse.SUPPRESS)
+    ap.add_argument("--bare-loop", metavar="CONFIG_JSON", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=5, help=argparse.SUPPRESS)
     ap.add_argument("--work-s", type=float, default=0.5, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt-bytes", type=int, default=3_000_000, help=argparse.SUPPRESS)
@@ -283,12 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_probe:
         emit(run_report_probe(args.report_probe, args.n, args.work_s, args.ckpt_bytes))
         return 0
-
-    import torch
+    if args.bare_loop:
+        emit(bare_run(json.loads(Path(args.bare_loop).read_text()), args.epochs or 3))
+        return 0
 
     epochs = args.epochs or (3 if args.quick else 5)
     repeats = args.repeats or (2 if args.quick else 3)
-    default_threads = torch.get_num_threads()
+    default_repeats = 1 if args.quick else repeats  # the default-thread bare loop: a secondary figure
     tmp = Path(args.keep).resolve() if args.keep else Path(tempfile.mkdtemp(prefix="qksweep-bench-overhead-"))
     tmp.mkdir(parents=True, exist_ok=True)
     os.chdir(tmp)  # MLflow puts a SQLite store's artifacts under ./mlruns of the working directory
@@ -299,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     train_cfg = with_overrides(base, spectral={"enabled": False}, **common)
     train_cfg.pop("sweep", None)
     batch = train_cfg["data"]["batch_size"]
+    worker_cpus = train_cfg.get("run", {}).get("cpus_per_worker", 1)
+    worker_threads = max(1, int(worker_cpus))  # what Ray sets OMP_NUM_THREADS to; the probe reports it
 
     # 1. MLflow logging cost (no Ray)
     log("mlflow logging ...")
@@ -306,23 +352,24 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_bytes = int(ml["checkpoint_mb"] * 1e6)
 
     # 2. qksweep train vs bare loops, alternating
+    from mlflow.tracking import MlflowClient
+
     from qksweep import api
     from qksweep.cluster.connect import ensure_ray
 
     t = time.perf_counter()
     ensure_ray()
     ray_init_s = time.perf_counter() - t
-    worker_threads = 1  # Ray: OMP_NUM_THREADS = floor(run.cpus_per_worker); checked by the report probe below
-    bare_default, bare_same, ray_runs = [], [], []
+    bare_same, bare_default, ray_runs = [], [], []
     for r in range(repeats):
         order = ["bare", "ray"] if r % 2 == 0 else ["ray", "bare"]
         for what in order:
             if what == "bare":
-                log(f"repeat {r + 1}/{repeats}: bare loop, {default_threads} threads")
-                bare_default.append(bare_run(train_cfg, epochs, default_threads))
-                if worker_threads != default_threads:
-                    log(f"repeat {r + 1}/{repeats}: bare loop, {worker_threads} thread(s)")
-                    bare_same.append(bare_run(train_cfg, epochs, worker_threads))
+                log(f"repeat {r + 1}/{repeats}: bare loop, OMP_NUM_THREADS={worker_threads} (as the Ray worker)")
+                bare_same.append(bare_subprocess(train_cfg, epochs, worker_threads, tmp))
+                if r < default_repeats:
+                    log(f"repeat {r + 1}/{repeats}: bare loop, torch's default threads")
+                    bare_default.append(bare_subprocess(train_cfg, epochs, None, tmp))
             else:
                 log(f"repeat {r + 1}/{repeats}: qksweep train")
                 cfg = with_overrides(train_cfg, run={"name": f"bench-train-{r}"})
@@ -331,13 +378,9 @@ def main(argv: list[str] | None = None) -> int:
                 h = train_history(uri, res.run_id, Path(res.storage_path))
                 h["batch"] = batch
                 h["call_time"] = t_call
-                from mlflow.tracking import MlflowClient
-
                 h["run_start"] = MlflowClient(uri).get_run(res.run_id).info.start_time / 1000
                 ray_runs.append(h)
-    if not bare_same:
-        bare_same = bare_default
-    steps = bare_default[0]["steps"]
+    steps = bare_same[0]["steps"]
 
     # 3. a one-trial sweep, spectra and MLflow at the config's settings
     log("one-trial sweep ...")
@@ -347,17 +390,19 @@ def main(argv: list[str] | None = None) -> int:
     t_call = time.time()
     sres = api.sweep(sweep_cfg, name=f"bench-sweep-{time.strftime('%H%M%S')}")
     trial = tune_trials(Path(sres.storage_path))[0]
-    from mlflow.tracking import MlflowClient
-
     trial_run_start = MlflowClient(uri).get_run(sres.best_run_id).info.start_time / 1000
     sh = train_history(uri, sres.best_run_id, Path(sres.storage_path).parent / f"{sres.name}-{trial['trial_id']}")
     sh["batch"] = batch
+    first = first_step_time(sh, steps)
+    tstart = trial.get("start_time")
+    timeline = task_timeline(tstart, first) if tstart and first else []
     shutdown_ray()
 
     # 4. report latency, each interval in its own Ray
     rl = None
     if not args.skip_report_latency:
-        rl = report_latency(n=4 if args.quick else 8, work_s=0.5, ckpt_bytes=ckpt_bytes, timeout=300)
+        log("report latency ...")
+        rl = report_latency(n=3 if args.quick else 8, work_s=0.5, ckpt_bytes=ckpt_bytes, timeout=300)
         got = (rl.get("0.2") or {}).get("torch_threads")
         if got and got != worker_threads:
             log(f"note: the Ray worker ran {got} torch threads, not {worker_threads}")
@@ -366,50 +411,50 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     # ---------------------------------------------------------------- figures
-    bare_d = median(x for b in bare_default for x in steady(b["samples_per_s"]))
     bare_s = median(x for b in bare_same for x in steady(b["samples_per_s"]))
-    bare_per_d = median(x for b in bare_default for x in steady(b["epoch_period_s"]))
+    bare_d = median(x for b in bare_default for x in steady(b["samples_per_s"]))
     bare_per_s = median(x for b in bare_same for x in steady(b["epoch_period_s"]))
+    bare_per_d = median(x for b in bare_default for x in steady(b["epoch_period_s"]))
     ray_sps = median(x for h in ray_runs for x in steady(h["samples_per_s"]))
     ray_per = median(x for h in ray_runs for x in periods(h["report_times"]))
     ray_ept = median(x for h in ray_runs for x in steady(h["epoch_time_s"]))
     sweep_sps = median(steady(sh["samples_per_s"]))
-    first = first_step_time(sh, steps)
-    tstart = trial.get("start_time")
+    sweep_per = median(periods(sh["report_times"]))
 
     def lat(interval: str, key: str):
         return median(((rl or {}).get(interval) or {}).get("latency", {}).get(key, []))
 
-    train_starts = [first_step_time(h, steps) - h["run_start"] for h in ray_runs if first_step_time(h, steps)]
+    train_starts = [f - h["run_start"] for h in ray_runs if (f := first_step_time(h, steps))]
     out = {
         "benchmark": "overhead",
-        "train_overhead_ratio": ray_sps / bare_d,
-        "train_overhead_ratio_same_threads": ray_sps / bare_s,
-        "train_overhead_ratio_epoch_wall": bare_per_d / ray_per,
-        "train_overhead_ratio_epoch_wall_same_threads": bare_per_s / ray_per,
-        "sweep_overhead_ratio": sweep_sps / bare_d,
-        "sweep_overhead_ratio_same_threads": sweep_sps / bare_s,
+        "train_overhead_ratio": ray_sps / bare_s,
+        "train_overhead_ratio_epoch_wall": bare_per_s / ray_per,
+        "train_overhead_ratio_vs_default_threads": ray_sps / bare_d,
+        "sweep_overhead_ratio": sweep_sps / bare_s,
+        "sweep_overhead_ratio_epoch_wall": bare_per_s / sweep_per,
         "trial_startup_s": (first - tstart) if first and tstart else None,
         "report_latency_s": lat("0.2", "spaced_checkpoint"),
         "report_latency_no_checkpoint_s": lat("0.2", "spaced_no_checkpoint"),
         "report_latency_default_ray_s": lat("2.0", "spaced_checkpoint"),
         "mlflow_log_s_per_epoch": ml["spectra"]["per_epoch_s"],
         "details": {
-            "config": CONFIG, "epochs": epochs, "repeats": repeats, "steady_epochs": "2..",
-            "batch": batch, "updates_per_epoch": steps, "samples_per_epoch": steps * batch,
-            "default_threads": default_threads, "worker_threads": worker_threads,
-            "bare_samples_per_s": {"default_threads": bare_d, "same_threads": bare_s},
-            "bare_epoch_period_s": {"default_threads": bare_per_d, "same_threads": bare_per_s},
+            "config": CONFIG, "epochs": epochs, "repeats": repeats, "default_thread_repeats": default_repeats,
+            "steady_epochs": "2..", "batch": batch, "updates_per_epoch": steps, "samples_per_epoch": steps * batch,
+            "worker_threads": worker_threads,
+            "default_threads": bare_default[0]["threads"] if bare_default else None,
+            "bare_samples_per_s": {"same_threads": bare_s, "default_threads": bare_d},
+            "bare_epoch_period_s": {"same_threads": bare_per_s, "default_threads": bare_per_d},
             "train_samples_per_s": ray_sps, "train_epoch_period_s": ray_per, "train_epoch_time_s": ray_ept,
-            "train_between_epochs_s": ray_per - ray_ept if ray_per == ray_per and ray_ept == ray_ept else None,
-            "sweep_samples_per_s": sweep_sps,
+            "train_between_epochs_s": ray_per - ray_ept,
+            "sweep_samples_per_s": sweep_sps, "sweep_epoch_period_s": sweep_per,
             "train_startup_s": median(train_starts),
             "ray_init_s": ray_init_s,
             "trial_startup_breakdown": {
-                "sweep_call_to_first_step_s": (first - t_call) if first else None,
                 "sweep_call_to_trial_running_s": (tstart - t_call) if tstart else None,
                 "trial_running_to_mlflow_run_s": (trial_run_start - tstart) if tstart else None,
                 "mlflow_run_to_first_step_s": (first - trial_run_start) if first else None,
+                "sweep_call_to_first_step_s": (first - t_call) if first else None,
+                "ray_tasks_from_trial_running": timeline,
             },
             "report_latency_s": {i: {k: median(v) for k, v in (rl or {}).get(i, {}).get("latency", {}).items()}
                                  for i in ("0.2", "2.0")},
@@ -419,9 +464,9 @@ def main(argv: list[str] | None = None) -> int:
                        "first_call_s": ml["spectra"]["first_s"],
                        "spectral_metrics_per_measurement": ml["spectral_metrics_per_measurement"],
                        "checkpoint_mb": ml["checkpoint_mb"]},
-            "raw": {"bare_default": bare_default, "bare_same": bare_same if bare_same is not bare_default else None,
-                    "train": [{k: v for k, v in h.items() if k not in ("batch",)} for h in ray_runs],
-                    "sweep": {k: v for k, v in sh.items() if k != "batch"}},
+            "raw": {"bare_same_threads": bare_same, "bare_default_threads": bare_default,
+                    "train": [{k: v for k, v in h.items() if k != "batch"} for h in ray_runs],
+                    "sweep": {k: v for k, v in sh.items() if k != "batch"}, "trial_start_time": tstart},
         },
     }
     emit(out)

@@ -6,6 +6,12 @@
 AdamW step, zero_grad (what ``train_loop`` does per update). For reference, the official CIFAR
 QKFormer code takes about 2.5 s per such step on a machine like this one.
 
+Threads: the measured steps run with ``--threads`` (default 1, the thread count of a qksweep worker
+with ``run.cpus_per_worker: 1``); one step also runs at torch's default (all cores) and is reported
+as ``qkformer_step_s_default_threads``. On a shared 2-vCPU machine the two-thread step can be several
+times slower than the one-thread step (OpenMP threads wait for each other whenever a neighbour takes
+a vCPU), so the default-thread figure is noisy.
+
 Eager and compiled steps run alternately on the same module (``torch.compile`` wraps it, so both
 update the same weights) after the compiled one has been warmed up, and each figure is a median:
 
@@ -77,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="3 timed steps per variant")
     ap.add_argument("--steps", type=int, help="timed steps per variant (default 3 with --quick, else 6)")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--threads", type=int, help="torch threads (default: torch's, i.e. all cores)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for the measured steps (default 1; one step also runs at torch's default "
+                         "thread count and is reported as qkformer_step_s_default_threads)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-timeout", type=int, default=480, help="seconds allowed for compilation")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
@@ -87,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from spikingjelly.activation_based import functional
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     steps = args.steps or (3 if args.quick else 6)
     size = dict(SIZE)
     if args.tiny:
@@ -107,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     log(f"qkformer_cifar {params:,} params, batch {args.batch}, {torch.get_num_threads()} threads: eager warm-up")
     eager(x, y)
     eager_t = []
+    default_t = None
+    if default_threads != args.threads:
+        torch.set_num_threads(default_threads)
+        default_t = eager(x, y)["step"]
+        torch.set_num_threads(args.threads)
+        log(f"one eager step at torch's default {default_threads} threads: {default_t:.2f}s")
 
     # channels-last (eager): the model's convolutions on NHWC memory, alternating with plain eager
     # steps (the module is converted between steps; conversions are not timed)
@@ -172,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         "qkformer_bwd_s": median(t["bwd"] for t in eager_t),
         "qkformer_opt_s": median(t["opt"] for t in eager_t),
         "qkformer_step_vs_reference": 2.5 / e_step,
+        "qkformer_step_s_default_threads": default_t,
+        "default_threads": default_threads,
         "qkformer_channels_last_speedup": cl_speedup,
     })
     if cl_error:

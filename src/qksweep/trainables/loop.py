@@ -248,6 +248,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     start_epoch, num_updates = 0, 0
     replay: dict[str, Any] | None = None
     ckpt = ray.train.get_checkpoint()
+    own = ckpt is not None  # this run's own checkpoint (a restart), not another run's (`continue`)
     if ckpt is None and loop_config.get("resume_from"):
         ckpt = ray.train.Checkpoint(loop_config["resume_from"])  # `qksweep continue`
     if ckpt:
@@ -271,7 +272,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         start_epoch, num_updates = int(state["epoch"]), int(state["updates"])
         # The resumed epoch's metrics ride along with the first report: if the process died after
         # the checkpoint was persisted but before the epoch reached MLflow, the logger fills the gap.
-        replay = state.get("metrics")
+        replay = state.get("metrics") if own else None
         scheduler.step_update(num_updates=num_updates)
 
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
