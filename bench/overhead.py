@@ -14,7 +14,7 @@ alternating, and every figure is a median.
   ``samples_per_s``: epoch start to the last update, before validation; epoch 1 is left out.
 * ``train_overhead_ratio_vs_default_threads``: the same against the bare loop at torch's default
   thread count (all cores: what ``python train.py`` gets). On a shared 2-CPU machine two threads
-  are often slower than one for this small model, so this is a secondary figure.
+  are often slower than one for this small model, so this is a secondary figure (not in ``--quick``).
 * ``train_overhead_ratio_epoch_wall``: epoch cadence instead of loop throughput: the bare loop's
   train+validation time per epoch ÷ the time between two consecutive ``ray.train.report`` calls of
   the qksweep worker (read from the checkpoint folder names Ray Train stamps at report time), so the
@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
 
     epochs = args.epochs or (3 if args.quick else 5)
     repeats = args.repeats or (2 if args.quick else 3)
-    default_repeats = 1 if args.quick else repeats  # the default-thread bare loop: a secondary figure
+    # the default-thread bare loop is a secondary figure (and on a busy 2-vCPU machine a slow one)
+    default_repeats = 0 if args.quick else repeats
     tmp = Path(args.keep).resolve() if args.keep else Path(tempfile.mkdtemp(prefix="qksweep-bench-overhead-"))
     tmp.mkdir(parents=True, exist_ok=True)
     os.chdir(tmp)  # MLflow puts a SQLite store's artifacts under ./mlruns of the working directory

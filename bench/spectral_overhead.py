@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         steps, measures, pairs = 3, 2, 0
     elif args.quick:
-        steps, measures, pairs = 20, 5, 2
+        steps, measures, pairs = 20, 5, 1
     else:
         steps, measures, pairs = 40, 10, 4
     if args.pairs is not None:
