@@ -9,7 +9,7 @@ its last line and writes it to ``bench/results/<date>-<host>.json`` and ``bench/
 
 Each benchmark runs as a subprocess of this one, one at a time (the figures are side-by-side ratios
 measured inside each benchmark; running two at once would disturb both). Progress goes to stderr;
-each benchmark's full stdout (Ray's worker logs included) is kept in ``bench/results/logs/``.
+each benchmark's full stdout (Ray's worker logs included) is kept in a temporary folder (``--logs``).
 
 Headline keys (see each script's docstring for how it measures them):
 
@@ -32,6 +32,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", action="store_true", help="the GPU benchmarks instead of the CPU suite (needs CUDA)")
     ap.add_argument("--smoke", action="store_true", help="only spectral_overhead --smoke (seconds; for tests)")
     ap.add_argument("--only", help="comma list of benchmarks: " + ", ".join(SUITE))
+    ap.add_argument("--logs", help="folder for each benchmark's full stdout (default: a new temporary folder)")
     ap.add_argument("--results-dir", help="where to write the JSON (default bench/results; --smoke writes only here)")
     args = ap.parse_args(argv)
 
@@ -164,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y-%m-%d-%H%M%S")
     info = machine_info()
     host = info["host"]
-    logs = (write_dir / "logs" / f"{stamp}-{host}") if write_dir else None
+    logs = Path(args.logs).resolve() if args.logs else Path(tempfile.mkdtemp(prefix=f"qksweep-bench-{stamp}-"))
+    log(f"each benchmark's stdout (Ray worker logs included) goes to {logs}/<name>.log")
 
     t0 = time.perf_counter()
     benchmarks, runtimes = {}, {}

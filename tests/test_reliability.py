@@ -60,3 +60,25 @@ def test_secrets_never_reach_mlflow_params_or_tags(tmp_path):
     data = c.get_run(run_id).data
     text = repr(data.params) + repr(data.tags)
     assert "s3cr3t" not in text and "tok123" not in text and "alice:***@" in data.params["tracking.uri"]
+
+
+def test_interrupt_probe_sees_tunes_handler_fire():
+    """Tune replaces the SIGINT handler during fit and restores the previous one only when a signal
+    arrives; the probe reads that to tell an interrupted sweep from a finished one."""
+    import os
+    import signal
+
+    from qksweep.orchestrator.sweep import tune_interrupt_probe
+
+    def fake_fit(send: bool) -> None:
+        previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, lambda *_: signal.signal(signal.SIGINT, previous))  # Tune's behaviour
+        if send:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with tune_interrupt_probe() as quiet:
+        fake_fit(send=False)
+    with tune_interrupt_probe() as hit:
+        fake_fit(send=True)
+    assert not quiet.fired and hit.fired
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

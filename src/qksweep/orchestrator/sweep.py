@@ -202,8 +202,9 @@ def resume_sweep(name_or_path: str, storage: str | None = None) -> SweepResult:
 def _fit(tuner, cfg: Config, name: str, parent_run_id: str | None, state_dir: Path) -> SweepResult:
     c = runs.client(cfg.tracking.uri) if parent_run_id else None
     try:
-        grid = tuner.fit()
-        if interrupted(grid, cfg.sweep.num_samples):  # Tune catches Ctrl-C itself and returns early
+        with tune_interrupt_probe() as probe:
+            grid = tuner.fit()
+        if probe.fired or interrupted(grid, cfg.sweep.num_samples):  # Tune catches Ctrl-C itself and returns
             raise SweepInterrupted(f"sweep {name} interrupted; its state is saved: `qksweep resume {name}` continues it")
     except KeyboardInterrupt:
         if c:
@@ -228,6 +229,32 @@ def _fit(tuner, cfg: Config, name: str, parent_run_id: str | None, state_dir: Pa
     if result.best_trial_id is None:
         raise JobFailed(f"sweep {name}: every trial failed ({result.num_errors} errors); see `qksweep runs --sweep {name}`")
     return result
+
+
+class tune_interrupt_probe:
+    """Tells whether Tune's own Ctrl-C handler fired during ``fit``: Tune installs its handler over
+    ours and puts ours back only when a signal arrives, so finding ours in place afterwards means
+    the sweep was interrupted (Tune then returns normally, with trials it closed as TERMINATED)."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.fired = False
+        self._active = threading.current_thread() is threading.main_thread()
+        if self._active:
+            self._previous = signal.getsignal(signal.SIGINT)
+            self._sentinel = lambda *_: (_ for _ in ()).throw(KeyboardInterrupt())
+            signal.signal(signal.SIGINT, self._sentinel)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._active:
+            self.fired = signal.getsignal(signal.SIGINT) is self._sentinel
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 class SweepInterrupted(KeyboardInterrupt):
