@@ -18,7 +18,9 @@ QKFormer code takes about 2.5 s per such step on a machine like this one.
    graph). The child compiles, checks the logits against eager on one batch with the same weights
    (``qkformer_compile_max_abs_diff``), then alternates eager and compiled steps on the same module.
    ``qkformer_compile_speedup`` = eager ÷ compiled median step time; ``null`` with
-   ``qkformer_compile_error`` when compiling fails or runs past the limit.
+   ``qkformer_compile_error`` when compiling fails or runs past the limit. Inductor caches compiled
+   graphs (``/tmp/torchinductor_$USER``): ``qkformer_compile_cache_warm`` says whether that cache
+   held anything before the run, because a warm cache turns minutes of compiling into seconds.
 
     python bench/qkformer_step.py --quick             # 2 steps per variant, compile limited to 150 s
     python bench/qkformer_step.py                     # 5 steps per variant, compile limited to 1800 s
@@ -119,6 +121,15 @@ def compiled_child(size: dict, batch: int, steps: int, threads: int, mode: str |
     return {"compile_s": compile_s, "max_abs_diff": max_diff, "eager": e_t, "compiled": c_t, "threads": threads}
 
 
+def inductor_cache_dir() -> Path | None:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        return Path(cache_dir())
+    except Exception:  # noqa: BLE001 - private API; only informative
+        return None
+
+
 def run_child(args, size: dict, threads: int) -> tuple[dict | None, str | None, float]:
     cmd = [sys.executable, SCRIPT, "--compiled-child", "--threads", str(threads), "--batch", str(args.batch),
            "--steps", str(args.steps)] + (["--tiny"] if args.tiny else []) + (
@@ -180,8 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     for n in thread_counts:
         torch.set_num_threads(n)
         eager(x, y)
+    # --quick: one all-core step (it is the slow, noisy one on a shared 2-vCPU machine)
+    other_steps = 1 if args.quick else args.steps
     for i in range(args.steps):
         for n in (thread_counts if i % 2 == 0 else thread_counts[::-1]):
+            if n != 1 and len(by_threads[n]) >= other_steps:
+                continue
             torch.set_num_threads(n)
             by_threads[n].append(eager(x, y))
     med = {n: median(t["step"] for t in ts) for n, ts in by_threads.items()}
@@ -226,9 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     # 3. torch.compile in a child process with a hard limit
     if not args.no_compile:
         del model, optimizer
-        log(f"torch.compile in a child process ({best} thread(s), limit {args.compile_timeout}s) ...")
+        cache = inductor_cache_dir()
+        warm = cache is not None and cache.is_dir() and any(cache.iterdir())
+        log(f"torch.compile in a child process ({best} thread(s), limit {args.compile_timeout}s; "
+            f"inductor cache {cache} {'warm' if warm else 'cold'}) ...")
         res, err, took = run_child(args, size, best)
         out["qkformer_compile_child_s"] = took
+        out["qkformer_compile_cache_warm"] = warm  # a warm inductor cache turns minutes of compiling into seconds
         if res:
             ce = median(t["step"] for t in res["eager"])
             cc = median(t["step"] for t in res["compiled"])

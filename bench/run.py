@@ -46,7 +46,7 @@ SUITE = {
     "spectral_overhead": ("spectral_overhead.py", ["--quick"], [], 420, 1800),
     "qkformer_step": ("qkformer_step.py", ["--quick"], [], 600, 2700),
     "overhead": ("overhead.py", ["--quick"], [], 720, 2400),
-    "sweep_efficiency": ("sweep_efficiency.py", ["--quick"], [], 720, 5400),
+    "sweep_efficiency": ("sweep_efficiency.py", ["--quick"], [], 900, 5400),
 }
 SMOKE = {"spectral_overhead": ("spectral_overhead.py", ["--smoke"], [], 300, 300)}
 GPU = {"gpu_throughput": ("gpu_throughput.py", [], [], 1800, 3600)}
@@ -94,17 +94,20 @@ def run_one(name: str, script: str, extra: list[str], timeout: int, logs: Path |
     log(f"== {name}: {' '.join(cmd[1:])} (timeout {timeout}s)")
     t = time.perf_counter()
     stdout = ""
+    # stderr streams through (progress); stdout is captured for the JSON line and kept as a log. Its own
+    # session: on a timeout the whole group goes, including the local Ray the benchmark started.
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=HERE.parent, start_new_session=True)
     try:
-        # stderr streams through (progress); stdout is captured for the JSON line and kept as a log
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout, cwd=HERE.parent)
-        stdout, rc = p.stdout, p.returncode
+        stdout, _ = p.communicate(timeout=timeout)
+        rc = p.returncode
         res = last_json(stdout)
         if res is None:
             res = {"error": f"{script} exited {rc} without a JSON line"}
         elif rc != 0:
             res.setdefault("error", f"{script} exited {rc}")
-    except subprocess.TimeoutExpired as e:
-        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    except subprocess.TimeoutExpired:
+        stop_group(p)
+        stdout, _ = p.communicate()
         res = {"error": f"{script} ran past {timeout}s"}
     took = time.perf_counter() - t
     if logs is not None:
@@ -112,6 +115,23 @@ def run_one(name: str, script: str, extra: list[str], timeout: int, logs: Path |
         (logs / f"{name}.log").write_text(stdout)
     log(f"== {name}: {took:.0f}s" + (f"  ERROR {res['error']}" if "error" in res else ""))
     return res, took
+
+
+def stop_group(p: subprocess.Popen) -> None:
+    """SIGTERM the benchmark's process group (Ray shuts down on it), then SIGKILL what is left."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(timeout=wait)
+            if sig == signal.SIGTERM:
+                time.sleep(2)  # give Ray's own processes a moment to follow
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def goal_table(figures: dict) -> dict:
