@@ -62,6 +62,17 @@ def sweep_config(base: dict, *, arm: str, tmp: Path, num_samples: int, epochs: i
     return cfg
 
 
+def other_rays() -> int | None:
+    """How many other local Ray clusters (GCS processes) run beside this one (call while ours runs)."""
+    try:
+        from ray._private.services import find_gcs_addresses
+
+        find_gcs_addresses.cache_clear()
+        return max(0, len(find_gcs_addresses()) - 1)
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def ideal_epoch_ratio(epochs: int, grace: int, rf: int) -> float:
     """Epochs of no-stopping ÷ the expected epochs per trial of synchronous successive halving with
     Ray's ASHA rungs (grace·rf^k below max_t) when exactly 1/rf of the trials pass each rung: the
@@ -156,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{arm}: {arms[arm]['trials']} trials, {arms[arm]['epochs']} epochs, "
             f"{arms[arm]['trial_seconds']:.0f} trial-s, best {arms[arm]['best']}, wall {wall:.0f}s")
 
+    others = other_rays()
     shutdown_ray()
     if not args.keep:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -179,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         "random_best": r["best"],
         "trial_overhead_s": median([a["trial_overhead_s"], r["trial_overhead_s"]]),
         "settings": {**settings, "seed": args.seed, "config": args.config, "quick": args.quick,
-                     "cpus": os.cpu_count()},
+                     "cpus": os.cpu_count(),
+                     "other_ray_instances_on_machine": others},
         "arms": arms,
     }
     emit(out)

@@ -23,7 +23,23 @@ RAY_ENV: dict[str, str] = {
 
 
 def runtime_env() -> dict[str, Any]:
-    return {"env_vars": dict(RAY_ENV)}
+    return {"env_vars": dict(RAY_ENV), "worker_process_setup_hook": "qksweep.cluster.connect.export_ray_address"}
+
+
+def export_ray_address() -> None:
+    """Ray ``worker_process_setup_hook``: every worker process learns its own cluster's address.
+
+    Ray Train's ``PlacementGroupCleaner`` (a detached actor that removes a Train run's placement group
+    when its controller dies, as it does when ASHA stops a trial) finds its cluster through the state
+    API with no address. With more than one Ray on the machine (a shared CI or dev box) it fails with
+    "Found multiple active Ray instances", the stopped trial's placement group keeps its CPUs until
+    the sweep ends, and later trials time out waiting for workers. ``RAY_ADDRESS`` names the cluster."""
+    import ray
+
+    try:
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    except Exception:  # noqa: BLE001 - best effort: the cleaner works without it on a one-Ray machine
+        pass
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
