@@ -24,8 +24,15 @@ def absolute_paths(cfg: Config) -> Config:
     cfg = cfg.model_copy(deep=True)
     if cfg.data.root and "://" not in cfg.data.root:
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
-    if "://" not in cfg.run.storage:
-        cfg.run.storage = str(Path(cfg.run.storage).expanduser().resolve())
+    d = cfg.distill
+    if d.teacher and "://" not in d.teacher and Path(d.teacher).expanduser().exists():
+        d.teacher = str(Path(d.teacher).expanduser().resolve())
+    if d.teacher_checkpoint and "://" not in d.teacher_checkpoint:
+        d.teacher_checkpoint = str(Path(d.teacher_checkpoint).expanduser().resolve())
+    from .storage import is_uri, local_path
+
+    if not is_uri(cfg.run.storage):  # a path, or file://PATH
+        cfg.run.storage = local_path(cfg.run.storage)
     uri = cfg.tracking.uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///:memory:":
         cfg.tracking.uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
@@ -52,10 +59,31 @@ def sweep(config: "str | Path | dict[str, Any] | Config", overrides: list[str] |
 
 
 def resume(name_or_path: str, *, storage: str | None = None):
-    """Continue an interrupted sweep where it stopped (unfinished and errored trials resume)."""
+    """Continue an interrupted sweep where it stopped (unfinished and errored trials resume). MLflow
+    records its trials kept while the server was away are sent first (see :func:`flush_mlflow`)."""
     from .orchestrator.sweep import resume_sweep
 
+    flush_mlflow(name_or_path, storage=storage, wait_s=10, quiet=True)
     return resume_sweep(name_or_path, storage=storage)
+
+
+def flush_mlflow(*targets: str, storage: str | None = None, wait_s: float = 30, quiet: bool = False):
+    """Send what runs kept in their ``mlflow_pending.jsonl`` while the tracking server was away (epochs,
+    best checkpoints, closing the run). ``targets``: pending files, run or sweep folders, or sweep names
+    under ``storage``; none: everything under ``storage``. Returns the per-file results; files emptied
+    are removed."""
+    from .tracking import pending
+
+    found = [p for t in (targets or (storage or "./qksweep_results",)) for p in pending.find_files(t, storage)]
+    results = [pending.flush_file(p, wait_s) for p in dict.fromkeys(found)]
+    if not quiet:
+        for r in results:
+            print(f"{r.path}: sent {r.sent} record(s)" + (
+                f"; still pending: {pending.summarize(r.left)} (MLflow: "
+                f"{str(r.error).splitlines()[0][:160] if r.error else 'no answer'})" if r.left else "; file removed"))
+        if not results:
+            print("nothing pending")
+    return results
 
 
 def continue_trial(run_id: str, *, epochs: int | None = None, overrides: list[str] | None = None,

@@ -84,6 +84,13 @@ def _add_uri(p) -> None:
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: all)")
 
 
+def cmd_flush(args) -> int:
+    from . import api
+
+    results = api.flush_mlflow(*args.targets, storage=args.storage, wait_s=args.wait)
+    return 1 if any(r.left for r in results) else 0
+
+
 def register(sub) -> None:
     r = sub.add_parser("runs", help="one row per trial: status, searched params, metric, epochs, run id")
     _add_uri(r)
@@ -102,6 +109,13 @@ def register(sub) -> None:
     b.add_argument("--pareto", action="store_true", help="the Pareto front of a multi-objective sweep")
     b.add_argument("--format", choices=["table", "json"], default="table")
     b.set_defaults(func=cmd_best)
+
+    f = sub.add_parser("flush", help="send to MLflow what runs kept in their pending file while the server was away")
+    f.add_argument("targets", nargs="*", help="pending files, run or sweep folders, or sweep names (default: all "
+                                              "under --storage)")
+    f.add_argument("--storage", default=None, help="run.storage the sweeps live in (default ./qksweep_results)")
+    f.add_argument("--wait", type=float, default=30, help="seconds to wait for the server per file (default 30)")
+    f.set_defaults(func=cmd_flush)
 
     u = sub.add_parser("ui", help="start the MLflow UI for the tracking store on 127.0.0.1")
     u.add_argument("--tracking-uri", default=None)

@@ -13,82 +13,103 @@ import sys
 import time
 from typing import Any
 
-from mlflow.entities import Metric
 from ray.train.v2.api.callback import UserCallback
 
-from . import runs
+from . import pending, runs
 
 
 class MLflowEpochLogger(UserCallback):
+    """Logs each epoch once. MLflow trouble never fails or stalls the run: an epoch that cannot be sent
+    within ``QKSWEEP_MLFLOW_EPOCH_WAIT_S`` (3 s) goes to the run's pending file (see
+    :mod:`qksweep.tracking.pending`), which is sent first at the next epoch and by the trial's end."""
+
     def __init__(self, tracking_uri: str, run_id: str, *, metric: str, mode: str, epochs: int,
-                 label: str = "", echo: bool = True):
+                 label: str = "", echo: bool = True, run_dir: str | None = None):
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self.metric, self.mode, self.epochs = metric, mode, epochs
         self.label, self.echo = label, echo
-        self._client = None
-        self._seen: set[int] | None = None
+        self.run_dir = run_dir
+        self._sender: pending.Sender | None = None
+        self._pending: bool | None = None  # whether the pending file holds records (read once)
         self._best: float | None = None
-
-    # the callback is pickled to the controller actor: open the client there, lazily
-    def _c(self):
-        if self._client is None:
-            self._client = runs.client(self.tracking_uri)
-        return self._client
+        self._outage_since: float | None = None
+        self._mem: list[dict[str, Any]] = []  # pending records when the run has no storage folder
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         m = metrics[0]
         epoch = int(m.get("epoch", 0))
-        if self._seen is None:
-            self._seen = runs.logged_steps(self._c(), self.run_id, "epoch")
-            self._best = self._best_so_far()
-        if epoch in self._seen or not self._still_running():
-            return
-        replay = m.get("_replay")
-        if replay and int(replay.get("epoch", 0)) not in self._seen:
-            self._log_epoch(replay)
-        self._log_epoch(m)
-        if m.get("_tags"):
-            runs.set_tags(self._c(), self.run_id, m["_tags"])
-        if m.get("_stopped_by"):
-            runs.set_tags(self._c(), self.run_id, {"qksweep.stopped_by": m["_stopped_by"],
-                                                   "qksweep.stop_reason": str(m.get("_stop_reason") or ""),
-                                                   "qksweep.stopped_at_epoch": str(epoch)})
-        value = m.get(self.metric)
-        if checkpoint is not None and self._improved(value):
-            self._best = float(value)
-            with checkpoint.as_directory() as d:
-                runs.log_artifact_dir(self.tracking_uri, self.run_id, d, "checkpoints/best")
+        if self._sender is None:  # the callback is pickled to the controller actor: state starts there
+            self._sender = pending.Sender(live=True)
+        records = self._records(m, epoch, checkpoint)
+        path = pending.pending_path(self.run_dir) if self.run_dir else None
+        if path and self._pending is None:
+            self._pending = bool(pending.read_records(path))
+        queued = (pending.read_records(path) if path and self._pending else []) if path else self._mem
+        left, err = self._sender.send(queued + records, pending.epoch_wait_s())
+        if path:
+            if left or queued:
+                pending.write_records(path, left)
+            self._pending = bool(left)
+        else:
+            self._mem = left
+        self._report(left, err, path, epoch)
         if self.echo:
-            print(format_epoch(m, self.epochs, self.label), file=sys.stdout, flush=True)
+            note = f"  (MLflow away: {len({r.get('epoch') for r in left if r['type'] == 'epoch'})} epochs pending)" if left else ""
+            print(format_epoch(m, self.epochs, self.label) + note, file=sys.stdout, flush=True)
 
-    def _log_epoch(self, m: dict[str, Any]) -> None:
-        epoch = int(m.get("epoch", 0))
-        ts = int(time.time() * 1000)
-        items = [Metric(k, v, ts, epoch) for k, v in runs.iter_metrics(m)]
-        for step, spec in m.get("_spec", []) or []:
-            items += [Metric(k, float(v), ts, int(step)) for k, v in spec.items()]
-        runs.log_metric_list(self._c(), self.run_id, items)
-        self._seen.add(epoch)
+    def _records(self, m: dict[str, Any], epoch: int, checkpoint) -> list[dict[str, Any]]:
+        """This report as pending-file records; epochs the run already holds are skipped when sent."""
+        known = self._sender.known(self.run_id)
+        seen = self._sender.seen_cached(self.run_id)
+        out = []
+        replay = m.get("_replay")
+        if replay and not (known and int(replay.get("epoch", 0)) in seen):
+            out.append(pending.epoch_record(self.tracking_uri, self.run_id, replay))
+        if known and epoch in seen:
+            return out
+        tags = dict(m.get("_tags") or {})
+        if m.get("_stopped_by"):
+            tags.update({"qksweep.stopped_by": m["_stopped_by"], "qksweep.stop_reason": str(m.get("_stop_reason") or ""),
+                         "qksweep.stopped_at_epoch": str(epoch)})
+        out.append(pending.epoch_record(self.tracking_uri, self.run_id, m, tags=tags))
+        value = m.get(self.metric)
+        if checkpoint is not None and isinstance(value, (int, float)) and math.isfinite(value) and self._improved(value):
+            self._best = float(value)
+            out.append({"type": "best", "uri": self.tracking_uri, "run_id": self.run_id, "metric": self.metric,
+                        "mode": self.mode, "value": float(value), "checkpoint": _checkpoint_uri(checkpoint, self.run_dir)})
+        return out
 
-    def _still_running(self) -> bool:
-        """A run that Tune has already closed (an ASHA stop races the Train controller, which dies a
-        moment after its trial) takes no more epochs."""
-        run = runs.retrying(lambda: self._c().get_run(self.run_id), what="run status")
-        return run.info.status == "RUNNING"
-
-    def _improved(self, value: Any) -> bool:
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            return False
+    def _improved(self, value: float) -> bool:
+        """Against the best checkpoint this logger chose (the run's own history is checked again when the
+        record is sent, so a restarted controller never replaces a better checkpoint)."""
         if self._best is None:
             return True
         return value > self._best if self.mode == "max" else value < self._best
 
-    def _best_so_far(self) -> float | None:
-        hist = runs.retrying(lambda: self._c().get_metric_history(self.run_id, self.metric), what="metric history")
-        vals = [h.value for h in hist if math.isfinite(h.value)]
-        if not vals:
-            return None
-        return max(vals) if self.mode == "max" else min(vals)
+    def _report(self, left: list, err: Exception | None, path: str | None, epoch: int) -> None:
+        if left and self._outage_since is None:
+            self._outage_since = time.monotonic()
+            where = f"kept in {path}" if path else "kept in memory"
+            print(f"{self.label}MLflow at {runs.mask_secrets(self.tracking_uri)} is not answering "
+                  f"({runs.mask_secrets(str(err).splitlines()[0][:160]) if err else 'no answer'}); epoch {epoch} "
+                  f"{where}; training goes on and the metrics are sent when the server is back",
+                  file=sys.stderr, flush=True)
+        elif not left and self._outage_since is not None:
+            print(f"{self.label}MLflow is back after {time.monotonic() - self._outage_since:.0f} s; "
+                  f"pending epochs sent (up to epoch {epoch})", file=sys.stderr, flush=True)
+            self._outage_since = None
+
+
+def _checkpoint_uri(checkpoint, run_dir: str | None = None) -> str:
+    """A checkpoint's path with its filesystem's scheme (``s3://...``) unless it is local; under a bucket
+    ``run_dir`` its URI keeps the storage's credentials and ``?endpoint_override=...`` options."""
+    from ..storage import checkpoint_uri, is_uri
+
+    if run_dir and is_uri(run_dir):
+        return checkpoint_uri(run_dir, checkpoint)
+    fs = getattr(checkpoint, "filesystem", None)
+    kind = getattr(fs, "type_name", "local") if fs is not None else "local"
+    return checkpoint.path if kind == "local" or "://" in checkpoint.path else f"{kind}://{checkpoint.path}"
 
 
 def format_epoch(m: dict[str, Any], epochs: int, label: str = "") -> str:

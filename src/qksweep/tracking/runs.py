@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -40,20 +41,54 @@ def mask_secrets(text: str) -> str:
 
 
 def retrying(fn: Callable[[], T], *, what: str, attempts: int | None = None, base_delay: float = 0.2,
-             max_delay: float = 5.0) -> T:
-    """Call ``fn`` with bounded exponential back-off; re-raise the last error."""
+             max_delay: float = 5.0, deadline_s: float | None = None) -> T:
+    """Call ``fn`` with bounded exponential back-off; re-raise the last error.
+
+    ``deadline_s`` bounds the whole call, back-off and HTTP timeouts included (the epoch logger uses a
+    few seconds so that a tracking server that went away never holds training up for long). MLflow's
+    own HTTP retries (7 by default, minutes in all) are turned off inside: this is the one retry layer.
+    """
     attempts = attempts or int(os.environ.get("QKSWEEP_MLFLOW_RETRIES", "6"))
+    end = time.monotonic() + deadline_s if deadline_s is not None else None
     delay = base_delay
     for i in range(attempts):
         try:
-            return fn()
+            with http_limits(None if end is None else end - time.monotonic()):
+                return fn()
         except Exception as e:  # noqa: BLE001 - MLflow raises REST, SQLAlchemy and connection errors
-            if i == attempts - 1 or not _transient(e):
+            late = end is not None and time.monotonic() + delay >= end
+            if i == attempts - 1 or late or not _transient(e):
                 raise
-            log.warning("MLflow %s failed (%s); retrying in %.1fs", what, mask_secrets(str(e).splitlines()[0][:200]), delay)
+            # under a deadline the caller reports the outcome itself (once, not at every try)
+            log.log(logging.INFO if end is not None else logging.WARNING, "MLflow %s failed (%s); retrying in %.1fs",
+                    what, mask_secrets(str(e).splitlines()[0][:200]), delay)
             time.sleep(delay)
             delay = min(delay * 2, max_delay)
     raise AssertionError("unreachable")
+
+
+HTTP_TIMEOUT_S = 15
+_HTTP_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+_USER_HTTP_ENV = {k for k in _HTTP_ENV if k in os.environ}  # what the user set wins
+
+
+@contextmanager
+def http_limits(remaining_s: float | None):
+    """No MLflow-internal HTTP retries and a request timeout within ``remaining_s`` while inside
+    (MLflow reads these variables on every request)."""
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(min(HTTP_TIMEOUT_S, remaining_s or HTTP_TIMEOUT_S))))}
+    saved = {k: os.environ.get(k) for k in wanted if k not in _USER_HTTP_ENV}
+    for k in saved:
+        os.environ[k] = wanted[k]
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _transient(e: Exception) -> bool:

@@ -8,18 +8,44 @@ import logging
 
 from ray.tune import Callback
 
-from . import runs
+from . import pending, runs
 
 log = logging.getLogger("qksweep.tracking")
 
 
 class SweepTracker(Callback):
     def __init__(self, tracking_uri: str, experiment: str, sweep: str, parent_run_id: str, *, epochs: int,
-                 scheduler: str, optuna_storage: str | None, constraints: dict | None = None):
+                 scheduler: str, optuna_storage: str | None, constraints: dict | None = None,
+                 storage: str | None = None):
         self.uri, self.experiment, self.sweep = tracking_uri, experiment, sweep
         self.parent_run_id, self.epochs, self.scheduler = parent_run_id, epochs, scheduler
         self.optuna_storage = optuna_storage
         self.constraints = constraints or {}
+        self.storage = storage  # run.storage: each trial's Train run (and its MLflow pending file) is in there
+
+    def _trial_dir(self, trial) -> str | None:
+        root = self.storage or getattr(getattr(trial, "storage", None), "storage_path", None)
+        return f"{str(root).rstrip('/')}/{self.sweep}-{trial.trial_id}" if root else None
+
+    def _flush_pending(self, trial) -> None:
+        """Epochs a trial's controller could not send (its driver may have been stopped before it could)."""
+        d = self._trial_dir(trial)
+        if d:
+            pending.flush_file(pending.pending_path(d), pending.epoch_wait_s())
+
+    def _keep_close(self, trial, status: str, tags: dict[str, str], err: Exception) -> None:
+        """MLflow is away: the run is closed later, by `qksweep flush` or `qksweep resume`."""
+        d = self._trial_dir(trial)
+        if not d:
+            return
+        lookup = {runs.KIND: "trial", runs.SWEEP: self.sweep, runs.TRIAL: trial.trial_id}
+        rec = pending.close_record(self.uri, None, status, tags=tags, experiment=self.experiment, lookup=lookup,
+                                   epochs=self.epochs, scheduler=self.scheduler, if_running=True,
+                                   checkpoint=(trial.last_result or {}).get("checkpoint_path"))
+        path = pending.keep(d, [rec])
+        log.warning("MLflow did not answer (%s): closing trial %s's run is kept in %s; `qksweep flush %s` does it "
+                    "when the server is back", runs.mask_secrets(str(err).splitlines()[0][:160]), trial.trial_id,
+                    path, path)
 
     def _run_id(self, trial_id: str) -> tuple[object, str | None, str | None]:
         c = runs.client(self.uri)
@@ -32,6 +58,7 @@ class SweepTracker(Callback):
         driver wraps up, so a run still RUNNING is finished here: KILLED when it stopped short of the
         budget, otherwise FINISHED with its last checkpoint and plots, as the driver would have."""
         try:
+            self._flush_pending(trial)
             c, run_id, status = self._run_id(trial.trial_id)
             if run_id and status == "RUNNING":
                 logged = runs.logged_steps(c, run_id, "epoch")
@@ -45,7 +72,8 @@ class SweepTracker(Callback):
             if run_id:
                 self._mark_constraints(c, run_id, trial.last_result or {})
         except Exception as e:  # noqa: BLE001 - tracking trouble must not stop the sweep
-            log.warning("could not close the MLflow run of trial %s: %s", trial.trial_id, runs.mask_secrets(str(e))[:200])
+            decided = str(int((trial.last_result or {}).get("epoch", 0)))
+            self._keep_close(trial, "auto", {"qksweep.stopped_at_epoch": decided}, e)
         self.refresh_parent()
 
     def _mark_constraints(self, c, run_id: str, result: dict) -> None:
@@ -55,13 +83,15 @@ class SweepTracker(Callback):
             runs.set_tags(c, run_id, {"qksweep.constraint_violated": ", ".join(broken)})
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        err = getattr(trial, "error_msg", None) or "trial errored"
+        tags = {"qksweep.error": str(err).strip().splitlines()[-1][:500]}
         try:
+            self._flush_pending(trial)
             c, run_id, status = self._run_id(trial.trial_id)
             if run_id and status == "RUNNING":
-                err = getattr(trial, "error_msg", None) or "trial errored"
-                runs.finish_run(c, run_id, "FAILED", {"qksweep.error": str(err).strip().splitlines()[-1][:500]})
-        except Exception as e:  # noqa: BLE001
-            log.warning("could not close the MLflow run of trial %s: %s", trial.trial_id, runs.mask_secrets(str(e))[:200])
+                runs.finish_run(c, run_id, "FAILED", tags)
+        except Exception as e:  # noqa: BLE001 - tracking trouble must not stop the sweep
+            self._keep_close(trial, "FAILED", tags, e)
         self.refresh_parent()
 
     def refresh_parent(self) -> None:
@@ -79,3 +109,23 @@ class SweepTracker(Callback):
             write_sweep_artifacts(self.uri, self.parent_run_id, study=study)
         except Exception as e:  # noqa: BLE001 - plots are a convenience; never fail the sweep for them
             log.warning("could not refresh the sweep's plots: %s", runs.mask_secrets(str(e))[:200])
+
+
+def close_parent_run(uri: str, parent_run_id: str, sweep_dir: str, *, name: str, study, ok: bool,
+                     best_metrics: dict[str, float], tags: dict[str, str]) -> bool:
+    """The end of a sweep: plots and results on the parent run, its ``best/*`` metrics, then FINISHED
+    (FAILED when no trial finished). If MLflow is away, the metrics and the closing wait in the sweep
+    folder's pending file (named on stderr) and the sweep still ends normally."""
+    try:
+        from .sweep_plots import write_sweep_artifacts
+
+        write_sweep_artifacts(uri, parent_run_id, study=study)
+    except ImportError:
+        pass
+    except Exception as e:  # noqa: BLE001 - plots are a convenience; `qksweep flush` does not redo them
+        log.warning("could not write the sweep's plots to MLflow: %s", runs.mask_secrets(str(e).splitlines()[0][:200]))
+    records = []
+    if best_metrics:
+        records.append(pending.metrics_record(uri, parent_run_id, {f"best/{k}": v for k, v in best_metrics.items()}, 0))
+    records.append(pending.close_record(uri, parent_run_id, "FINISHED" if ok else "FAILED", tags=tags, finalize=False))
+    return pending.finish(uri, parent_run_id, sweep_dir, records, resume_hint=f"qksweep resume {name}")

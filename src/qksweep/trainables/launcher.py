@@ -12,7 +12,8 @@ from typing import Any
 import yaml
 
 from ..config import Config, flatten
-from ..tracking import runs
+from ..storage import checkpoint_uri, join
+from ..tracking import pending, runs
 from ..tracking.callback import MLflowEpochLogger
 
 
@@ -21,14 +22,21 @@ class JobFailed(RuntimeError):
 
 
 def storage_root(cfg: Config) -> str:
-    """Ray Train wants an absolute path or a URI."""
+    """Ray Train wants an absolute path or a URI (``s3://``, ``gs://``: handed to Ray as it is)."""
+    from ..storage import is_uri, local_path
+
     s = cfg.run.storage
-    return s if "://" in s else str(Path(s).expanduser().resolve())
+    return s if is_uri(s) else local_path(s)
+
+
+def run_dir(cfg: Config, run_name: str) -> str:
+    """The Train run's folder (its checkpoints, and MLflow's pending file when the server is away)."""
+    return join(storage_root(cfg), run_name)  # a URI keeps its ?endpoint_override=... after the path
 
 
 def run_params(cfg: Config) -> dict[str, Any]:
     """Flattened config for MLflow params (the sweep section is the parent's business)."""
-    d = cfg.to_dict()
+    d = mask_config(cfg.to_dict())
     d.pop("sweep", None)
     return flatten(d)
 
@@ -49,7 +57,8 @@ def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: l
     cbs = list(callbacks or [])
     if run_id and cfg.tracking.enabled:
         cbs.insert(0, MLflowEpochLogger(cfg.tracking.uri, run_id, metric=metric, mode=mode,
-                                        epochs=cfg.optim.epochs, label=label, echo=echo))
+                                        epochs=cfg.optim.epochs, label=label, echo=echo,
+                                        run_dir=run_dir(cfg, run_name)))
     run_config = ray.train.RunConfig(
         name=run_name,
         storage_path=storage_root(cfg),
@@ -85,6 +94,8 @@ def mask_config(d: dict[str, Any]) -> dict[str, Any]:
     d = dict(d)
     if "tracking" in d:
         d["tracking"] = {**d["tracking"], "uri": runs.mask_secrets(d["tracking"]["uri"])}
+    if isinstance(d.get("run"), dict) and isinstance(d["run"].get("storage"), str):  # s3://KEY:SECRET@bucket
+        d["run"] = {**d["run"], "storage": runs.mask_secrets(d["run"]["storage"])}
     return d
 
 
@@ -106,8 +117,10 @@ def run_training(cfg: Config, *, run_name: str | None = None, tags: dict[str, st
                  resume_from: str | None = None) -> TrainResult:
     """One ``qksweep train``: an MLflow run with no parent, found again by its run name."""
     from ..cluster.connect import ensure_ray
+    from ..storage import probe
 
     name = run_name or cfg.run.name or default_run_name(cfg)
+    probe(cfg.run.storage)  # a missing or unreachable bucket: one line, before the MLflow run
     run_id = None
     c = None
     if cfg.tracking.enabled:
@@ -119,25 +132,38 @@ def run_training(cfg: Config, *, run_name: str | None = None, tags: dict[str, st
             runs.set_tags(c, run_id, tags)
         if created:
             log_config_artifact(cfg, run_id)
+        pending.restarted(run_dir(cfg, name))
     ensure_ray()
     trainer = make_trainer(cfg, run_name=name, run_id=run_id, resume_from=resume_from)
     try:
         result = trainer.fit()
     except KeyboardInterrupt:
         if c:
-            runs.finish_run(c, run_id, "KILLED", {"qksweep.stopped_by": "user"})
+            close_run(cfg, run_id, name, "KILLED", tags={"qksweep.stopped_by": "user"}, wait_s=5)
         raise
     except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; report their first line
         msg = first_line(e)
         if c:
-            runs.finish_run(c, run_id, "FAILED", {"qksweep.error": msg})
+            close_run(cfg, run_id, name, "FAILED", tags={"qksweep.error": msg})
         raise JobFailed(f"training failed: {msg}") from e
     if c:
-        runs.finalize_run(cfg.tracking.uri, run_id, result.checkpoint.path if result.checkpoint else None)
+        close_run(cfg, run_id, name, "FINISHED", checkpoint=checkpoint_uri(storage_root(cfg), result.checkpoint))
     metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
     return TrainResult(run_id=run_id, run_name=name, metrics=metrics,
-                       checkpoint_path=result.checkpoint.path if result.checkpoint else None,
-                       storage_path=str(Path(storage_root(cfg)) / name))
+                       checkpoint_path=checkpoint_uri(storage_root(cfg), result.checkpoint),
+                       storage_path=join(storage_root(cfg), name))
+
+
+def close_run(cfg: Config, run_id: str, run_name: str, status: str, *, tags: dict[str, str] | None = None,
+              checkpoint: str | None = None, wait_s: float | None = None, label: str = "",
+              resume_hint: str | None = None, if_running: bool = False) -> bool:
+    """Send what the run's pending file holds, then close the run (FINISHED: with its last checkpoint and
+    learning curves). If MLflow stays away (``QKSWEEP_MLFLOW_END_WAIT_S``, 30 s), both stay in the pending
+    file and stderr says what is missing and where it is: the job itself still ends normally."""
+    close = pending.close_record(cfg.tracking.uri, run_id, status, tags=tags, checkpoint=checkpoint,
+                                 finalize=status == "FINISHED", if_running=if_running)
+    return pending.finish(cfg.tracking.uri, run_id, run_dir(cfg, run_name), close, wait_s=wait_s, label=label,
+                          resume_hint=resume_hint)
 
 
 def first_line(e: BaseException) -> str:

@@ -13,8 +13,10 @@ from typing import Any
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from ..search_spaces import apply_sample
-from ..tracking import runs
-from .launcher import first_line, log_config_artifact, make_trainer, run_params
+from ..storage import checkpoint_uri
+from .launcher import storage_root
+from ..tracking import pending, runs
+from .launcher import close_run, first_line, log_config_artifact, make_trainer, run_dir, run_params
 
 
 class PublicTuneReport(TuneReportCallback):
@@ -45,18 +47,14 @@ def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, pa
     run_id = None
     c = None
     if cfg.tracking.enabled:
-        c = runs.client(cfg.tracking.uri)
-        exp = runs.experiment_id(c, cfg.experiment)
-        lookup = {runs.KIND: "trial", runs.SWEEP: sweep, runs.TRIAL: trial_id}
-        params = run_params(cfg)
-        params.update({k: v for k, v in sample.items() if k not in params})  # derived keys, e.g. model.head_dim
-        run_id, created = runs.get_or_create_run(c, exp, lookup, run_name=name, params=params)
-        if created:
-            runs.set_tags(c, run_id, {**trial_tags(sweep, trial_id, parent_run_id),
-                                      "qksweep.searched": json.dumps(sorted(sample)),
-                                      "qksweep.metric": cfg.sweep.metrics[0], "qksweep.mode": cfg.sweep.modes[0],
-                                      "qksweep.objectives": json.dumps(dict(zip(cfg.sweep.metrics, cfg.sweep.modes)))})
-            log_config_artifact(cfg, run_id)
+        try:
+            c = runs.client(cfg.tracking.uri)
+            run_id = _trial_run(c, cfg, sweep, trial_id, sample, parent_run_id, name)
+        except Exception as e:  # noqa: BLE001 - no run to log into: this trial cannot start (Tune retries it)
+            raise RuntimeError(f"MLflow at {runs.mask_secrets(cfg.tracking.uri)} did not answer when the trial "
+                               f"started ({first_line(e)}); the trial did not train. `qksweep resume {sweep}` "
+                               f"runs it again") from None
+        pending.restarted(run_dir(cfg, name))
     rejected = static_violation(cfg)
     if rejected:  # never started: no Train run, no worker; the run records why
         if c:
@@ -64,16 +62,34 @@ def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, pa
             runs.close_if_running(c, run_id, "KILLED", {"qksweep.stopped_by": "constraint",
                                                         "qksweep.constraint_violated": rejected[2]})
         return
-    trainer = make_trainer(cfg, run_name=name, run_id=run_id, callbacks=[PublicTuneReport()],
-                           label=f"[{trial_id}] ")
+    label = f"[{trial_id}] "
+    trainer = make_trainer(cfg, run_name=name, run_id=run_id, callbacks=[PublicTuneReport()], label=label)
     try:
         result = trainer.fit()
     except Exception as e:
         if c:
-            runs.close_if_running(c, run_id, "FAILED", {"qksweep.error": first_line(e)})
+            close_run(cfg, run_id, name, "FAILED", tags={"qksweep.error": first_line(e)}, if_running=True,
+                      label=label, resume_hint=f"qksweep resume {sweep}")
         raise RuntimeError(first_line(e)) from None
-    if c:
-        runs.finalize_run(cfg.tracking.uri, run_id, result.checkpoint.path if result.checkpoint else None)
+    if c:  # MLflow away for good: the trial still ends normally; stderr names what is missing and where
+        close_run(cfg, run_id, name, "FINISHED", checkpoint=checkpoint_uri(storage_root(cfg), result.checkpoint),
+                  label=label, resume_hint=f"qksweep resume {sweep}")
+
+
+def _trial_run(c, cfg, sweep: str, trial_id: str, sample: dict[str, Any], parent_run_id: str | None, name: str) -> str:
+    """The trial's MLflow run, found by its tags or created with its params, tags and config."""
+    exp = runs.experiment_id(c, cfg.experiment)
+    lookup = {runs.KIND: "trial", runs.SWEEP: sweep, runs.TRIAL: trial_id}
+    params = run_params(cfg)
+    params.update({k: v for k, v in sample.items() if k not in params})  # derived keys, e.g. model.head_dim
+    run_id, created = runs.get_or_create_run(c, exp, lookup, run_name=name, params=params)
+    if created:
+        runs.set_tags(c, run_id, {**trial_tags(sweep, trial_id, parent_run_id),
+                                  "qksweep.searched": json.dumps(sorted(sample)),
+                                  "qksweep.metric": cfg.sweep.metrics[0], "qksweep.mode": cfg.sweep.modes[0],
+                                  "qksweep.objectives": json.dumps(dict(zip(cfg.sweep.metrics, cfg.sweep.modes)))})
+        log_config_artifact(cfg, run_id)
+    return run_id
 
 
 def static_violation(cfg) -> tuple[str, float, str] | None:
