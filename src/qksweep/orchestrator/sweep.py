@@ -208,24 +208,23 @@ def _fit(tuner, cfg: Config, name: str, parent_run_id: str | None, state_dir: Pa
             raise SweepInterrupted(f"sweep {name} interrupted; its state is saved: `qksweep resume {name}` continues it")
     except KeyboardInterrupt:
         if c:
-            runs.finish_run(c, parent_run_id, "KILLED", {"qksweep.stopped_by": "user"})
+            from ..tracking import pending
+
+            pending.finish(cfg.tracking.uri, parent_run_id, str(state_dir),
+                           pending.close_record(cfg.tracking.uri, parent_run_id, "KILLED",
+                                                tags={"qksweep.stopped_by": "user"}, finalize=False), wait_s=5)
         raise
     result = summarize(grid, cfg, name, parent_run_id, str(state_dir))
-    if c:
-        try:
-            from ..tracking.sweep_plots import write_sweep_artifacts
-            import optuna
+    if c:  # an MLflow server that is away leaves the parent's closing in the sweep folder's pending file
+        import optuna
 
-            study = optuna.load_study(study_name="qksweep", storage=f"sqlite:///{state_dir / 'optuna.db'}")
-            write_sweep_artifacts(cfg.tracking.uri, parent_run_id, study=study)
-        except ImportError:
-            pass
+        from ..tracking.sweep_callback import close_parent_run
+
+        study = optuna.load_study(study_name="qksweep", storage=f"sqlite:///{state_dir / 'optuna.db'}")
         tags = {"qksweep.best_run_id": result.best_run_id or "", "qksweep.best_trial_id": result.best_trial_id or ""}
-        if result.best_metrics:
-            runs.log_metrics(c, parent_run_id, {f"best/{k}": v for k, v in result.best_metrics.items()
-                                                if k in REPORTED_METRICS}, step=0)
-        ok = result.best_trial_id is not None
-        runs.finish_run(c, parent_run_id, "FINISHED" if ok else "FAILED", tags)
+        close_parent_run(cfg.tracking.uri, parent_run_id, str(state_dir), name=name, study=study,
+                         ok=result.best_trial_id is not None, tags=tags,
+                         best_metrics={k: v for k, v in result.best_metrics.items() if k in REPORTED_METRICS})
     if result.best_trial_id is None:
         raise JobFailed(f"sweep {name}: every trial failed ({result.num_errors} errors); see `qksweep runs --sweep {name}`")
     return result
@@ -284,10 +283,14 @@ def summarize(grid, cfg: Config, name: str, parent_run_id: str | None, storage_p
         best_metrics = best_epoch_metrics(best, metric, mode)
         best_metrics["searched"] = dict(best.config)
         if parent_run_id:
-            c = runs.client(cfg.tracking.uri)
-            run = runs.find_run(c, runs.experiment_id(c, cfg.experiment),
-                                {runs.KIND: "trial", runs.SWEEP: name, runs.TRIAL: best_trial})
-            best_run = run.info.run_id if run else None
+            try:
+                c = runs.client(cfg.tracking.uri)
+                run = runs.find_run(c, runs.experiment_id(c, cfg.experiment),
+                                    {runs.KIND: "trial", runs.SWEEP: name, runs.TRIAL: best_trial})
+                best_run = run.info.run_id if run else None
+            except Exception as e:  # noqa: BLE001 - MLflow away: the sweep's result stands without the run id
+                print(f"MLflow did not answer ({runs.mask_secrets(str(e).splitlines()[0][:160])}): "
+                      f"the best trial's run id is unknown; `qksweep best {name}` finds it later")
     return SweepResult(name=name, best_config=best_config, best_metrics=best_metrics or {}, best_trial_id=best_trial,
                        best_run_id=best_run, parent_run_id=parent_run_id, trials=df, storage_path=storage_path,
                        num_errors=grid.num_errors)
