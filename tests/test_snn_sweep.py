@@ -4,6 +4,7 @@ constraint that keeps a too-large model from ever starting, and the firing-rate 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -44,6 +45,14 @@ def test_two_objective_sweep_pareto_and_static_constraint(ray_session, workdir):
     assert out.returncode == 0, out.stderr
     front = json.loads(out.stdout)
     assert front and all(set(p["values"]) == {"val/top1", "snn/energy_mj"} for p in front)
+    # Optuna was told each trial's constraint value: feasible (<= 0) for the launched ones
+    import optuna
+
+    db = Path(cfg["run"]["storage"]) / "pareto" / "optuna.db"
+    study = optuna.load_study(study_name="qksweep", storage=f"sqlite:///{db}")
+    assert len(study.trials) == 4
+    for t in study.trials:
+        assert (t.constraints["params_m"] <= 0) == (t.params["model.head_dim"] == 4), (t.params, t.constraints)
 
 
 def test_firing_rate_rule_stops_a_saturated_network(ray_session, workdir):

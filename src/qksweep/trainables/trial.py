@@ -20,10 +20,16 @@ from .launcher import close_run, first_line, log_config_artifact, make_trainer, 
 
 
 class PublicTuneReport(TuneReportCallback):
-    """TuneReportCallback without the private ``_``-keys (per-update spectra go to MLflow only)."""
+    """TuneReportCallback without the private ``_``-keys (per-update spectra go to MLflow only), plus
+    the trial's static figures (``params_m``, ``act_mem_gb`` when constrained) in every result, so
+    that the searcher can tell Optuna a launched trial's constraint values."""
+
+    def __init__(self, static: dict[str, float] | None = None):
+        super().__init__()
+        self.static = dict(static or {})
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        clean = [{k: v for k, v in m.items() if not k.startswith("_")} for m in metrics]
+        clean = [{**self.static, **{k: v for k, v in m.items() if not k.startswith("_")}} for m in metrics]
         super().after_report(run_context, clean, checkpoint)
 
 
@@ -63,7 +69,8 @@ def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, pa
                                                         "qksweep.constraint_violated": rejected[2]})
         return
     label = f"[{trial_id}] "
-    trainer = make_trainer(cfg, run_name=name, run_id=run_id, callbacks=[PublicTuneReport()], label=label)
+    report = PublicTuneReport(static_values(cfg))
+    trainer = make_trainer(cfg, run_name=name, run_id=run_id, callbacks=[report], label=label)
     try:
         result = trainer.fit()
     except Exception as e:
@@ -92,22 +99,30 @@ def _trial_run(c, cfg, sweep: str, trial_id: str, sample: dict[str, Any], parent
     return run_id
 
 
-def static_violation(cfg) -> tuple[str, float, str] | None:
-    """(key, value, message) of the first static constraint the trial's config breaks."""
+def static_values(cfg) -> dict[str, float]:
+    """The values of the static constraints the sweep names (parameter count, activation memory)."""
     from ..config import STATIC_CONSTRAINTS
 
-    wanted = {k: b for k, b in cfg.sweep.constraints.items() if k in STATIC_CONSTRAINTS}
+    wanted = [k for k in cfg.sweep.constraints if k in STATIC_CONSTRAINTS]
     if not wanted:
-        return None
+        return {}
     from ..snn import static_checks
 
-    for key, bound in wanted.items():
+    out = {}
+    for key in wanted:
         if key == "params_m":
-            value = static_checks.param_count_m(cfg)
+            out[key] = static_checks.param_count_m(cfg)
         else:
-            value = static_checks.activation_memory_estimate_gb(
+            out[key] = static_checks.activation_memory_estimate_gb(
                 cfg.model.name, cfg.model.overrides(), cfg.data.img_size, cfg.data.batch_size,
                 cfg.model.time_steps)
+    return out
+
+
+def static_violation(cfg) -> tuple[str, float, str] | None:
+    """(key, value, message) of the first static constraint the trial's config breaks."""
+    for key, value in static_values(cfg).items():
+        bound = cfg.sweep.constraints[key]
         if bound.violation(value) > 0:
             return key, value, f"{key}={value:.4g} outside [{bound.min}, {bound.max}]"
     return None
