@@ -154,6 +154,52 @@ class Bound(_Section):
 STATIC_CONSTRAINTS = ("params_m", "act_mem_gb")
 
 
+class DistillConfig(_Section):
+    """Knowledge distillation from a frozen teacher (off while ``teacher`` is null).
+
+    ``teacher``: an MLflow run id, a qksweep checkpoint path, or a timm model name. A timm name needs
+    its weights: ``teacher_checkpoint`` (a state-dict file, loaded through timm's
+    ``pretrained_cfg_overlay=dict(file=...)``), or ``teacher_weights: timm`` (timm's own pretrained
+    weights, from the local Hugging Face cache or a download), or ``teacher_weights: none`` (a random
+    teacher, said explicitly: only for trying the plumbing).
+    Loss: ``(1 - alpha) · CE + alpha · KD``; ``soft``: KD = KL(student/tau ‖ teacher/tau) · tau²;
+    ``hard``: KD = CE against the teacher's argmax (DeiT), tau unused.
+    """
+
+    teacher: str | None = None
+    teacher_checkpoint: str | None = None
+    teacher_weights: Literal["checkpoint", "timm", "none"] = "checkpoint"
+    kind: Literal["soft", "hard"] = "soft"
+    alpha: float = Field(default=0.5, ge=0, le=1)
+    tau: float = Field(default=1.0, gt=0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.teacher is not None
+
+
+class PruneConfig(_Section):
+    """Magnitude pruning with ``torch.nn.utils.prune`` (off while ``method`` is null).
+
+    After ``at_epoch`` dense epochs the Linear/Conv weights (the classifier head excepted) are pruned
+    by ``amount``, then trained ``finetune_epochs`` more with the masks applied; the run trains
+    ``optim.epochs`` epochs in all, so ``at_epoch + finetune_epochs = optim.epochs`` (finetune_epochs
+    defaults to the rest). ``scope: global`` ranks all weights together (l1_unstructured only);
+    ``layer`` prunes each layer by ``amount``. ``ln_structured`` removes whole output channels
+    (L2 norm, dim 0).
+    """
+
+    method: Literal["l1_unstructured", "ln_structured"] | None = None
+    amount: float = Field(default=0.5, gt=0, lt=1)
+    at_epoch: int | None = Field(default=None, ge=0)
+    finetune_epochs: int | None = Field(default=None, gt=0)
+    scope: Literal["layer", "global"] = "layer"
+
+    @property
+    def enabled(self) -> bool:
+        return self.method is not None
+
+
 class SearcherConfig(_Section):
     name: Literal["optuna", "random"] = "optuna"
     sampler: Literal["tpe", "random", "cmaes", "gp", "nsga2"] = "tpe"
@@ -217,6 +263,29 @@ class Config(_Section):
     spectral: SpectralConfig = Field(default_factory=SpectralConfig)
     snn: SNNConfig = Field(default_factory=SNNConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+
+    @model_validator(mode="after")
+    def _prune_fits(self) -> "Config":
+        p, epochs = self.prune, self.optim.epochs
+        if not p.enabled:
+            return self
+        if p.at_epoch is None:
+            raise ValueError("prune.at_epoch is missing: give the number of dense epochs before pruning, e.g. prune.at_epoch=6")
+        if p.at_epoch >= epochs:
+            raise ValueError(f"prune.at_epoch={p.at_epoch} must be smaller than optim.epochs={epochs}: "
+                             "at least one fine-tuning epoch follows the pruning")
+        if p.finetune_epochs is not None and p.at_epoch + p.finetune_epochs != epochs:
+            raise ValueError(f"prune.at_epoch={p.at_epoch} + prune.finetune_epochs={p.finetune_epochs} must equal "
+                             f"optim.epochs={epochs} (the run trains optim.epochs in all); drop finetune_epochs to "
+                             "fine-tune for the rest")
+        if p.scope == "global" and p.method != "l1_unstructured":
+            raise ValueError(f"prune.scope=global works with prune.method=l1_unstructured only, not {p.method}; "
+                             "use prune.scope=layer")
+        if self.optim.ema:
+            raise ValueError("prune does not support optim.ema (the EMA copy would stay dense): set optim.ema=false")
+        return self
 
     @field_validator("experiment")
     @classmethod
@@ -435,6 +504,9 @@ def check_config(cfg: Config) -> Config:
     from .models import ModelArgError, check_model_args
 
     check_tracking_uri(cfg.tracking.uri)
+    from .storage import check_uri
+
+    check_uri(cfg.run.storage)  # s3:// or gs:// (static here: the bucket is probed when a run starts)
     try:
         check_data(cfg.data)
     except DataError as e:
@@ -457,6 +529,10 @@ def check_config(cfg: Config) -> Config:
         raise ConfigError("config: sweep.stop_on.spec_sigma_max_growth needs spectral.enabled: true")
     if cfg.run.gpus_per_worker > 0:
         check_gpus_available(cfg)
+    if cfg.distill.enabled or cfg.distill.teacher_checkpoint:
+        from .distill import check_distill
+
+        check_distill(cfg.distill, cfg.data, cfg.tracking.uri)
     return cfg
 
 

@@ -26,6 +26,7 @@ from timm.utils import ModelEmaV3, dispatch_clip_grad
 
 from ..config import Config
 from ..data import DataBundle, build_data
+from ..distill.losses import distill_loss
 from ..models import create_model
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
@@ -244,9 +245,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     stop_rule = make_stop_rule(cfg) if monitor is not None else None
     meter, static_snn, run_tags = make_snn_measures(cfg, model, spiking) if rank == 0 else (None, {}, {})
     fr_rule = make_firing_rate_rule(cfg) if (rank == 0 and spiking) else None
+    teacher = make_teacher(cfg, bundle, device, loop_config)  # None unless distill.teacher is set
 
     start_epoch, num_updates = 0, 0
     replay: dict[str, Any] | None = None
+    restored_masks = False
     ckpt = ray.train.get_checkpoint()
     own = ckpt is not None  # this run's own checkpoint (a restart), not another run's (`continue`)
     if ckpt is None and loop_config.get("resume_from"):
@@ -254,6 +257,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if ckpt:
         state = load_resumable(ckpt, device)
         model.load_state_dict(state["model"])
+        if "prune_masks" in state:  # the checkpoint holds permanent weights; fine-tuning keeps their masks
+            from ..prune import apply_masks
+
+            apply_masks(model, state["prune_masks"])
+            restored_masks = True
         optimizer.load_state_dict(state["optimizer"])
         if int(state.get("epochs_planned", cfg.optim.epochs)) == cfg.optim.epochs:
             scheduler.load_state_dict(state["scheduler"])
@@ -276,13 +284,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         scheduler.step_update(num_updates=num_updates)
 
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    pruned = restored_masks or (cfg.prune.enabled and prune_now(cfg, model, start_epoch))
+    teacher_metrics = teacher_val_metrics(teacher, val_batches, world, autocast, bundle.num_classes)
+    best_pruned = make_best_pruned(cfg) if rank == 0 else None
 
     for epoch in range(start_epoch, cfg.optim.epochs):
+        if cfg.prune.enabled and not pruned:
+            pruned = prune_now(cfg, model, epoch)
         t0 = time.perf_counter()
         ddp_model.train()
         train_batches.set_epoch(epoch)
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
         first_bad = torch.tensor(-1, device=device)
+        kd_sum = torch.zeros((), dtype=torch.float64, device=device) if teacher is not None else None
         spec_buffer: list[tuple[int, dict[str, float]]] = []
         stop_reason = torch.zeros(1, device=device)  # rank 0 decides; every rank must leave together
         reason_text: str | None = None
@@ -298,6 +312,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 with autocast():
                     out = ddp_model(x)
                     loss = criterion(out, y)
+                    if teacher is not None:  # the same (mixed, augmented) batch the student saw
+                        loss, kd = distill_loss(loss, out, teacher(x), kind=cfg.distill.kind,
+                                                alpha=cfg.distill.alpha, tau=cfg.distill.tau)
+                        kd_sum += kd.detach().double() * len(y_hard)
                 (scaler.scale(loss / accum) if scaler else loss / accum).backward()
             maybe_reset(model, spiking)
             ld = loss.detach().double()
@@ -352,6 +370,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "lr": optimizer.param_groups[-1]["lr"],
             "samples_per_s": n / max(train_time, 1e-9),
         }
+        if kd_sum is not None:
+            metrics["train/kd_loss"] = all_sum(kd_sum, world).item() / max(n, 1)
+        if teacher_metrics:
+            metrics.update(teacher_metrics)
+            teacher_metrics = None
+        if pruned:
+            from ..prune import sparsity
+
+            metrics["prune/sparsity"] = sparsity(model)
         if ema is not None:
             ev = evaluate(ema.module, val_batches, world=world, spiking=spiking, autocast=autocast,
                           num_classes=bundle.num_classes)
@@ -379,10 +406,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             metrics["_stop_reason"] = reason_text
 
         if rank == 0:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            state = {"model": model_state(model, pruned), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "updates": num_updates,
                      "epochs_planned": cfg.optim.epochs,
                      "rng": rng_state(), "metrics": {k: v for k, v in metrics.items() if k != "_replay"}}
+            if pruned:
+                from ..prune import masks
+
+                state["prune_masks"] = masks(model)
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
             if ema is not None:
@@ -395,6 +426,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 state["fr_rule"] = fr_rule.state_dict()
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, state, cfg.to_dict())
+                if pruned and best_pruned is not None:
+                    best_pruned.offer(tmp, metrics)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
@@ -403,6 +436,57 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     if monitor is not None and loop_config.get("run_id") and loop_config.get("tracking_uri"):
         finish_monitor(monitor, loop_config["tracking_uri"], loop_config["run_id"])
+    if best_pruned is not None:
+        if loop_config.get("run_id") and loop_config.get("tracking_uri"):
+            best_pruned.upload(loop_config["tracking_uri"], loop_config["run_id"])
+        best_pruned.close()
+
+
+def make_teacher(cfg: Config, bundle: DataBundle, device: torch.device, loop_config: dict[str, Any]):
+    """The frozen distillation teacher, loaded once per worker (None with distillation off)."""
+    if not cfg.distill.enabled:
+        return None
+    from ..distill import load_teacher
+
+    uri = loop_config.get("tracking_uri") or cfg.tracking.uri
+    return load_teacher(cfg.distill, num_classes=bundle.num_classes, tracking_uri=uri, device=device,
+                        student_data=cfg.data, student_mean=bundle.mean, student_std=bundle.std).to(device)
+
+
+def teacher_val_metrics(teacher, val_batches, world: int, autocast, num_classes: int) -> dict[str, float] | None:
+    """The teacher's own validation accuracy, reported once with the first epoch of each worker start."""
+    if teacher is None:
+        return None
+    ev = evaluate(teacher, val_batches, world=world, spiking=False, autocast=autocast, num_classes=num_classes)
+    return {"distill/teacher_top1": ev["top1"], "distill/teacher_loss": ev["loss"]}
+
+
+def prune_now(cfg: Config, model: torch.nn.Module, epoch: int) -> bool:
+    """Prune ``model`` when ``epoch`` (0-based, about to start) has reached ``prune.at_epoch``; True
+    once the model is pruned."""
+    if epoch < cfg.prune.at_epoch:
+        return False
+    from ..prune import apply_pruning
+
+    p = cfg.prune
+    apply_pruning(model, p.method, p.amount, p.scope)
+    return True
+
+
+def make_best_pruned(cfg: Config):
+    if not cfg.prune.enabled:
+        return None
+    from ..prune.best import BestPrunedCheckpoint
+
+    return BestPrunedCheckpoint(cfg.sweep.metrics[0], cfg.sweep.modes[0])
+
+
+def model_state(model: torch.nn.Module, pruned: bool) -> dict[str, torch.Tensor]:
+    if not pruned:
+        return model.state_dict()
+    from ..prune import plain_state_dict
+
+    return plain_state_dict(model)
 
 
 def load_resumable(ckpt, device) -> dict[str, Any]:
