@@ -21,6 +21,13 @@ QKFormer code takes about 2.5 s per such step on a machine like this one.
    ``qkformer_compile_error`` when compiling fails or runs past the limit. Inductor caches compiled
    graphs (``/tmp/torchinductor_$USER``): ``qkformer_compile_cache_warm`` says whether that cache
    held anything before the run, because a warm cache turns minutes of compiling into seconds.
+4. bf16 autocast (what ``optim.amp: true`` runs on a CPU): steps with forward and loss under
+   ``torch.autocast("cpu", dtype=torch.bfloat16)`` alternate with plain fp32 steps on the same module
+   (``qkformer_bf16_speedup`` = fp32 ÷ bf16 median step; ``qkformer_bf16_logit_max_abs_diff``: eval-mode
+   logits against fp32 with the same weights). Not the default: results are close, not equal.
+5. ``qkformer_step_gflop``: the step's FLOPs (``torch.utils.flop_counter``; convolutions are ~99 %),
+   and ``qkformer_step_gflops`` = that ÷ the eager step: the arithmetic floor a step time meets on
+   this CPU (its fp32 peak is cores × GHz × FLOPs per cycle, 32 with AVX-512/AVX2 FMA on two pipes).
 
     python bench/qkformer_step.py --quick             # 2 steps per variant, compile limited to 150 s
     python bench/qkformer_step.py                     # 5 steps per variant, compile limited to 1800 s
@@ -56,15 +63,19 @@ def build(size: dict, num_classes: int = 10, img: int = 32):
     return create_model("qkformer_cifar", num_classes=num_classes, in_chans=3, img_size=img, **size)
 
 
-def make_step(fwd_model, module, optimizer):
+def make_step(fwd_model, module, optimizer, amp: bool = False):
+    import contextlib
+
     import torch
     import torch.nn.functional as F
     from spikingjelly.activation_based import functional
 
     def step(x, y) -> dict[str, float]:
         t0 = time.perf_counter()
-        out = fwd_model(x)
-        loss = F.cross_entropy(out, y)
+        # as train_loop with optim.amp on a CPU: forward and loss under bf16 autocast, backward outside
+        with (torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()):
+            out = fwd_model(x)
+            loss = F.cross_entropy(out, y)
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -224,6 +235,47 @@ def main(argv: list[str] | None = None) -> int:
     if cl_speedup:
         log(f"channels-last: {median(t['step'] for t in cl_t):.2f}s vs {median(t['step'] for t in plain_t):.2f}s")
 
+    # 4. bf16 autocast (optim.amp), alternating with fp32 steps
+    bf_t, fp_t, bf_diff, bf_error = [], [], None, None
+    try:
+        bf16 = make_step(model, model, optimizer, amp=True)
+        bf16(x, y)  # warm-up
+        for i in range(max(1, args.steps - 1) if args.quick else args.steps):
+            for amp in ((False, True) if i % 2 == 0 else (True, False)):
+                (bf_t if amp else fp_t).append((bf16 if amp else eager)(x, y))
+        from spikingjelly.activation_based import functional
+
+        with torch.no_grad():
+            model.eval()
+            ref = model(x)
+            functional.reset_net(model)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = model(x).float()
+            functional.reset_net(model)
+            model.train()
+        bf_diff = (ref - low).abs().max().item()
+    except Exception as e:  # noqa: BLE001 - report, do not fail the benchmark
+        bf_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    bf_speedup = median(t["step"] for t in fp_t) / median(t["step"] for t in bf_t) if bf_t else None
+    if bf_speedup:
+        log(f"bf16 autocast: {median(t['step'] for t in bf_t):.2f}s vs fp32 {median(t['step'] for t in fp_t):.2f}s")
+
+    # 5. FLOPs of one step (forward + backward), counted, not timed
+    gflop = None
+    try:
+        import torch.nn.functional as F
+        from spikingjelly.activation_based import functional
+        from torch.utils.flop_counter import FlopCounterMode
+
+        fc = FlopCounterMode(display=False)
+        with fc:
+            F.cross_entropy(model(x), y).backward()
+        functional.reset_net(model)
+        optimizer.zero_grad(set_to_none=True)
+        gflop = fc.get_total_flops() / 1e9
+    except Exception as e:  # noqa: BLE001
+        log(f"flop count failed: {e}")
+
     e_step = median(t["step"] for t in eager_t)
     out.update({
         "qkformer_step_s": e_step,
@@ -234,7 +286,15 @@ def main(argv: list[str] | None = None) -> int:
         "qkformer_opt_s": median(t["opt"] for t in eager_t),
         "qkformer_step_vs_reference": 2.5 / e_step,
         "qkformer_channels_last_speedup": cl_speedup,
+        "qkformer_bf16_speedup": bf_speedup,
+        "qkformer_bf16_step_s": median(t["step"] for t in bf_t) if bf_t else None,
+        "qkformer_bf16_fp32_step_s": median(t["step"] for t in fp_t) if fp_t else None,
+        "qkformer_bf16_logit_max_abs_diff": bf_diff,
+        "qkformer_step_gflop": gflop,
+        "qkformer_step_gflops": gflop / e_step if gflop else None,
     })
+    if bf_error:
+        out["qkformer_bf16_error"] = bf_error
     if cl_error:
         out["qkformer_channels_last_error"] = cl_error
 
@@ -262,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             out.update({"qkformer_compile_speedup": None, "qkformer_compile_error": err})
             log(f"compile: {err}")
-    out["steps_timed"] = {"eager": {str(n): len(v) for n, v in by_threads.items()}, "channels_last": len(cl_t)}
+    out["steps_timed"] = {"eager": {str(n): len(v) for n, v in by_threads.items()}, "channels_last": len(cl_t),
+                          "bf16": len(bf_t)}
     emit(out)
     return 0
 

@@ -62,6 +62,8 @@ HEADLINE = [
     "spectral_overhead_vit_loop", "spectral_overhead_qkformer_loop",
     "qkformer_step_s_by_threads", "qkformer_channels_last_speedup", "qkformer_compiled_step_s", "qkformer_compile_s",
     "qkformer_compile_error", "qkformer_compile_max_abs_diff",
+    "qkformer_bf16_speedup", "qkformer_bf16_step_s", "qkformer_bf16_logit_max_abs_diff", "qkformer_step_gflop",
+    "qkformer_step_gflops",
 ]
 
 GOALS = {  # key: (comparison, threshold)
