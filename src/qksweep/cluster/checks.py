@@ -16,11 +16,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..config import Config, ConfigError
+from ..storage import URI_SCHEMES, check_uri
 from ..tracking.runs import mask_secrets
 
 DASHBOARD_PORT = 8265
-# pyarrow filesystems that Ray Train/Tune can write trial state to
-SHARED_STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss")
+# pyarrow filesystems that Ray Train/Tune write trial state to and qksweep keeps its sweep files in
+SHARED_STORAGE_SCHEMES = URI_SCHEMES
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
 
 STORAGE_FIX = ("use a path on a filesystem every node mounts at the same place (NFS, EFS, Filestore, Lustre), "
@@ -114,6 +115,7 @@ def check_storage(storage: str, *, remote: bool) -> tuple[str, list[str]]:
         if scheme not in SHARED_STORAGE_SCHEMES:
             raise ConfigError(f"run.storage '{mask_secrets(storage)}': scheme {scheme}:// is not a filesystem Ray can "
                               f"write trial state to; {STORAGE_FIX}")
+        check_uri(s)  # malformed: one line here (the bucket itself is probed when the sweep starts)
         return s, []
     if remote:
         if s.startswith("~") or not Path(s).is_absolute():

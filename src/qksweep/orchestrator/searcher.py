@@ -101,9 +101,33 @@ class HonestOptunaSearch(OptunaSearch):
                 if t.state == optuna.trial.TrialState.RUNNING and t.number not in known]
 
 
-def make_searcher(cfg: Config, specs: list[ParamSpec], storage_url: str | None) -> HonestOptunaSearch:
+# sweep name -> the Optuna database URL on this machine (set by `qksweep resume`, see SweepStudyStorage)
+_RELOCATED: dict[str, str] = {}
+
+
+class SweepStudyStorage(optuna.storages.RDBStorage):
+    """The sweep's Optuna study (SQLite). Tune pickles the searcher, with this storage and its URL, into
+    the sweep's state; a sweep resumed on another machine, or from another cache folder, keeps its
+    working copy elsewhere, so unpickling opens the URL registered for the sweep by :func:`relocate_study`."""
+
+    def __init__(self, url: str, *, sweep: str):
+        super().__init__(url)
+        self.sweep = sweep
+
+    def __setstate__(self, state: dict) -> None:
+        url = _RELOCATED.get(state.get("sweep", ""))
+        super().__setstate__({**state, "url": url} if url else state)
+
+
+def relocate_study(sweep: str, url: str) -> None:
+    _RELOCATED[sweep] = url
+
+
+def make_searcher(cfg: Config, specs: list[ParamSpec], storage: "str | optuna.storages.BaseStorage | None"
+                  ) -> HonestOptunaSearch:
     metrics, modes = cfg.sweep.metrics, cfg.sweep.modes
-    storage = optuna.storages.RDBStorage(storage_url) if storage_url else None
+    if isinstance(storage, str):
+        storage = optuna.storages.RDBStorage(storage)
     return HonestOptunaSearch(
         space=make_define_by_run(specs),
         metric=metrics if len(metrics) > 1 else metrics[0],

@@ -14,9 +14,9 @@ import yaml
 from ..config import Config, ConfigError, flatten
 from ..search_spaces import ParamSpec, check_space_validity, expand_space, parse_space
 from ..tracking import runs
+from ..storage import STATE_FILE, SweepFiles, is_uri, join, probe
 from ..trainables.launcher import JobFailed, mask_config, storage_root
 
-STATE_FILE = "qksweep_sweep.json"
 REPORTED_METRICS = ("epoch", "step", "train/loss", "train/top1", "val/loss", "val/top1", "val/top5", "lr",
                     "samples_per_s", "epoch_time_s", "val_ema/loss", "val_ema/top1", "val_ema/top5",
                     "snn/energy_mj", "snn/sops", "snn/firing_rate")
@@ -73,11 +73,9 @@ def default_sweep_name(cfg: Config) -> str:
     return f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def sweep_dir(cfg: Config, name: str) -> Path:
-    root = storage_root(cfg)
-    if "://" in root:
-        raise ConfigError("run.storage as a URI is supported for cluster runs only through `qksweep submit`")
-    return Path(root) / name
+def sweep_files(cfg: Config, name: str) -> SweepFiles:
+    """The sweep's folder under run.storage: a local/shared path, or a bucket URI with a local cache."""
+    return SweepFiles(storage_root(cfg), name)
 
 
 def max_concurrent(cfg: Config, resources: dict[str, float]) -> int:
@@ -121,25 +119,34 @@ def _parent_run(cfg: Config, name: str) -> str | None:
     return run_id
 
 
-def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: str | None, state_dir: Path,
+def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: str | None, files: SweepFiles,
                  concurrency: int):
     from ray import tune
 
     from ..tracking.sweep_callback import SweepTracker
-    from .searcher import make_scheduler, make_searcher
+    from .searcher import SweepStudyStorage, make_scheduler, make_searcher
 
-    optuna_url = f"sqlite:///{state_dir / 'optuna.db'}"
-    searcher = make_searcher(cfg, specs, optuna_url)
+    # a storage object, not a URL: pickled into Tune's state, it follows the sweep to another machine
+    study_storage = SweepStudyStorage(files.optuna_url, sweep=name)
+    searcher = make_searcher(cfg, specs, study_storage)
     callbacks = []
     if parent_run_id:
         callbacks.append(SweepTracker(cfg.tracking.uri, cfg.experiment, name, parent_run_id, epochs=cfg.optim.epochs,
-                                      scheduler=cfg.sweep.scheduler.name, optuna_storage=optuna_url,
+                                      scheduler=cfg.sweep.scheduler.name, optuna_storage=study_storage,
                                       constraints=dict(cfg.sweep.constraints)))
+    sync = None
+    if files.remote:
+        from .sync import SyncSweepFiles
+
+        callbacks.append(SyncSweepFiles(files))
+        # Tune uploads its experiment state at most every sync_period (300 s by default): a resume
+        # after a crash starts from the last upload, so keep it recent (a few small files)
+        sync = tune.SyncConfig(sync_period=30)
     return tune.Tuner(
         _trainable(cfg.to_dict(), name, parent_run_id),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(cfg), num_samples=cfg.sweep.num_samples,
                                     max_concurrent_trials=concurrency, reuse_actors=False),
-        run_config=tune.RunConfig(name=name, storage_path=str(state_dir.parent), callbacks=callbacks,
+        run_config=tune.RunConfig(name=name, storage_path=storage_root(cfg), callbacks=callbacks, sync_config=sync,
                                   failure_config=tune.FailureConfig(max_failures=1), verbose=0),
     )
 
@@ -149,32 +156,58 @@ def run_sweep(cfg: Config, *, name: str | None = None) -> SweepResult:
 
     specs = check_sweep(cfg)
     name = name or default_sweep_name(cfg)
-    state_dir = sweep_dir(cfg, name)
-    if state_dir.exists():
-        raise ConfigError(f"sweep '{name}' already exists at {state_dir}: continue it with `qksweep resume {name}` or pick another --name")
+    probe(cfg.run.storage)  # a bucket that is missing or unreachable: one line, before anything is written
+    files = sweep_files(cfg, name)
+    if files.exists():
+        raise ConfigError(f"sweep '{name}' already exists at {files.location}: continue it with "
+                          f"`qksweep resume {name}` or pick another --name")
     ensure_ray()
     concurrency = max_concurrent(cfg, cluster_resources())
     parent_run_id = _parent_run(cfg, name)
-    state_dir.mkdir(parents=True)
-    (state_dir / STATE_FILE).write_text(json.dumps({"name": name, "config": cfg.to_dict(), "parent_run_id": parent_run_id,
-                                                    "concurrency": concurrency}, indent=1))
+    files.prepare_new()
+    (files.local / STATE_FILE).write_text(json.dumps({"name": name, "config": cfg.to_dict(), "parent_run_id": parent_run_id,
+                                                      "concurrency": concurrency}, indent=1))
+    files.upload()
     print(f"sweep {name}: {cfg.sweep.num_samples} trials, up to {concurrency} at a time, "
-          f"{cfg.sweep.searcher.sampler} + {cfg.sweep.scheduler.name}; storage {state_dir}")
-    tuner = _build_tuner(cfg, name, specs, parent_run_id, state_dir, concurrency)
-    return _fit(tuner, cfg, name, parent_run_id, state_dir)
+          f"{cfg.sweep.searcher.sampler} + {cfg.sweep.scheduler.name}; storage {files.location}")
+    tuner = _build_tuner(cfg, name, specs, parent_run_id, files, concurrency)
+    return _fit(tuner, cfg, name, parent_run_id, files)
 
 
-def find_sweep(name_or_path: str, storage: str | None = None) -> Path:
-    p = Path(name_or_path).expanduser()
-    candidates = [p] if (p.is_absolute() or "/" in name_or_path) else [Path(storage or "./qksweep_results") / name_or_path, p]
-    for c in candidates:
-        if (c / STATE_FILE).exists():
-            return c.resolve()
-    root = Path(storage or "./qksweep_results")
-    known = sorted(d.name for d in root.glob("*") if (d / STATE_FILE).exists()) if root.exists() else []
+def find_sweep(name_or_path: str, storage: str | None = None) -> SweepFiles:
+    """The sweep named NAME under ``storage`` (a path or a bucket URI, default ./qksweep_results), or
+    the sweep at a path or URI (``s3://bucket/prefix/NAME``). For a URI its files are downloaded."""
+    from ..storage import check_uri
+    from ..tracking.runs import mask_secrets
+
+    if is_uri(name_or_path):  # the sweep's own URI: its parent is the storage
+        base, sep, query = name_or_path.partition("?")
+        parent, _, name = base.rstrip("/").rpartition("/")
+        if "://" not in parent or not parent.split("://", 1)[1]:
+            raise ConfigError(f"'{name_or_path}' names a bucket, not a sweep: pass s3://BUCKET/PREFIX/NAME")
+        candidates = [(parent + sep + query, name)]
+    else:
+        p = Path(name_or_path).expanduser()
+        if p.is_absolute() or "/" in name_or_path:
+            candidates = [(str(p.resolve().parent), p.resolve().name)]
+        elif storage and is_uri(storage):
+            candidates = [(storage, name_or_path)]
+        else:
+            candidates = [(str(Path(storage or "./qksweep_results").expanduser().resolve()), name_or_path),
+                          (str(Path.cwd()), name_or_path)]
+    for root, name in candidates:
+        check_uri(root)
+        probe(root)
+        files = SweepFiles(root, name)
+        if files.has_state():
+            files.download()
+            return files
+    files = SweepFiles(*candidates[0])
+    known = files.known_sweeps()
     from ..config import suggest
 
-    hint = suggest(name_or_path, known) or (f"; known sweeps: {', '.join(known[:8])}" if known else f"; no sweeps under {root}")
+    where = mask_secrets(candidates[0][0])
+    hint = suggest(name_or_path, known) or (f"; known sweeps: {', '.join(known[:8])}" if known else f"; no sweeps under {where}")
     raise ConfigError(f"no sweep '{name_or_path}' to resume{hint}")
 
 
@@ -182,52 +215,70 @@ def resume_sweep(name_or_path: str, storage: str | None = None) -> SweepResult:
     from ray import tune
 
     from ..cluster.connect import ensure_ray
+    from .searcher import relocate_study
 
-    state_dir = find_sweep(name_or_path, storage)
-    state = json.loads((state_dir / STATE_FILE).read_text())
+    files = find_sweep(name_or_path, storage)
+    state = json.loads((files.local / STATE_FILE).read_text())
     cfg = Config.model_validate(state["config"])
     name, parent_run_id = state["name"], state["parent_run_id"]
-    if not tune.Tuner.can_restore(str(state_dir)):
-        raise ConfigError(f"sweep '{name}' at {state_dir} has no Tune state to restore (it stopped before its first trial); start it again")
+    if not tune.Tuner.can_restore(files.tune_path):
+        raise ConfigError(f"sweep '{name}' at {files.location} has no Tune state to restore (it stopped before its "
+                          "first trial); start it again")
     ensure_ray()
     if parent_run_id:
         c = runs.client(cfg.tracking.uri)
         runs.retrying(lambda: c.update_run(parent_run_id, status="RUNNING"), what="run reopen")
-    tuner = tune.Tuner.restore(str(state_dir), trainable=_trainable(cfg.to_dict(), name, parent_run_id),
+    relocate_study(name, files.optuna_url)  # the study Tune's pickled searcher opens is this machine's copy
+    tuner = tune.Tuner.restore(files.tune_path, trainable=_trainable(cfg.to_dict(), name, parent_run_id),
                                resume_unfinished=True, resume_errored=True)
-    print(f"resuming sweep {name} from {state_dir}")
-    return _fit(tuner, cfg, name, parent_run_id, state_dir)
+    print(f"resuming sweep {name} from {files.location}")
+    return _fit(tuner, cfg, name, parent_run_id, files)
 
 
-def _fit(tuner, cfg: Config, name: str, parent_run_id: str | None, state_dir: Path) -> SweepResult:
+def _fit(tuner, cfg: Config, name: str, parent_run_id: str | None, files: SweepFiles) -> SweepResult:
     c = runs.client(cfg.tracking.uri) if parent_run_id else None
     try:
-        with tune_interrupt_probe() as probe:
-            grid = tuner.fit()
-        if probe.fired or interrupted(grid, cfg.sweep.num_samples):  # Tune catches Ctrl-C itself and returns
+        try:
+            with tune_interrupt_probe() as stopped:
+                grid = tuner.fit()
+        finally:
+            _final_upload(files)
+        if stopped.fired or interrupted(grid, cfg.sweep.num_samples):  # Tune catches Ctrl-C itself and returns
             raise SweepInterrupted(f"sweep {name} interrupted; its state is saved: `qksweep resume {name}` continues it")
     except KeyboardInterrupt:
         if c:
             from ..tracking import pending
 
-            pending.finish(cfg.tracking.uri, parent_run_id, str(state_dir),
+            pending.finish(cfg.tracking.uri, parent_run_id, str(files.local),
                            pending.close_record(cfg.tracking.uri, parent_run_id, "KILLED",
                                                 tags={"qksweep.stopped_by": "user"}, finalize=False), wait_s=5)
         raise
-    result = summarize(grid, cfg, name, parent_run_id, str(state_dir))
+    result = summarize(grid, cfg, name, parent_run_id, files.tune_path)
     if c:  # an MLflow server that is away leaves the parent's closing in the sweep folder's pending file
         import optuna
 
         from ..tracking.sweep_callback import close_parent_run
 
-        study = optuna.load_study(study_name="qksweep", storage=f"sqlite:///{state_dir / 'optuna.db'}")
+        study = optuna.load_study(study_name="qksweep", storage=files.optuna_url)
         tags = {"qksweep.best_run_id": result.best_run_id or "", "qksweep.best_trial_id": result.best_trial_id or ""}
-        close_parent_run(cfg.tracking.uri, parent_run_id, str(state_dir), name=name, study=study,
+        close_parent_run(cfg.tracking.uri, parent_run_id, str(files.local), name=name, study=study,
                          ok=result.best_trial_id is not None, tags=tags,
                          best_metrics={k: v for k, v in result.best_metrics.items() if k in REPORTED_METRICS})
     if result.best_trial_id is None:
         raise JobFailed(f"sweep {name}: every trial failed ({result.num_errors} errors); see `qksweep runs --sweep {name}`")
     return result
+
+
+def _final_upload(files: SweepFiles) -> None:
+    """The study and state as they stand, also after Ctrl-C (no-op for a local path)."""
+    import logging
+
+    try:
+        files.upload()
+    except Exception as e:  # noqa: BLE001 - Tune's own state is already in the bucket; say what is missing
+        logging.getLogger("qksweep").warning("could not upload the sweep's Optuna study to %s (%s); it stays in %s",
+                                             files.location, runs.mask_secrets(str(e).splitlines()[0] if str(e) else type(e).__name__),
+                                             files.local)
 
 
 class tune_interrupt_probe:

@@ -89,7 +89,7 @@ class MLflowEpochLogger(UserCallback):
     def _report(self, left: list, err: Exception | None, path: str | None, epoch: int) -> None:
         if left and self._outage_since is None:
             self._outage_since = time.monotonic()
-            where = f"kept in {path}" if path else "kept in memory"
+            where = f"kept in {runs.mask_secrets(path)}" if path else "kept in memory"
             print(f"{self.label}MLflow at {runs.mask_secrets(self.tracking_uri)} is not answering "
                   f"({runs.mask_secrets(str(err).splitlines()[0][:160]) if err else 'no answer'}); epoch {epoch} "
                   f"{where}; training goes on and the metrics are sent when the server is back",
