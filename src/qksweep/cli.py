@@ -89,8 +89,9 @@ def register_core(sub) -> None:
     sw.set_defaults(func=cmd_sweep)
 
     r = sub.add_parser("resume", help="continue an interrupted sweep where it stopped")
-    r.add_argument("sweep", help="sweep name (under ./qksweep_results) or its directory")
-    r.add_argument("--storage", help="the run.storage the sweep used (default ./qksweep_results)")
+    r.add_argument("sweep", help="sweep name (under --storage), its directory, or its URI (s3://BUCKET/PREFIX/NAME)")
+    r.add_argument("--storage", help="the run.storage the sweep used: a path or an s3:// / gs:// URI "
+                                     "(default ./qksweep_results)")
     r.set_defaults(func=cmd_resume)
 
     c = sub.add_parser("continue", help="train a finished trial further from its checkpoint, as a new MLflow run")
