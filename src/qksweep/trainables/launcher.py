@@ -47,7 +47,7 @@ def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: l
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .loop import train_loop
+    from .entry import train_loop  # imports the loop (timm, SpikingJelly) only in the worker
 
     gpus = cfg.run.gpus_per_worker
     resources = {"CPU": cfg.run.cpus_per_worker}
