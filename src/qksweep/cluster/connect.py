@@ -14,6 +14,11 @@ RAY_ENV: dict[str, str] = {
     # Importing torch, timm and SpikingJelly in a fresh worker takes 10-30 s on a loaded 2-CPU box;
     # Ray's 60 s start-up limit then fails trials that would have run fine.
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300"),
+    # Each Train run starts a PreemptionWatcher actor: one more Python process per trial, started just
+    # as the worker imports torch, for a watcher that only logs node drains and feeds
+    # ray.train.get_preemption_info (qksweep reads neither; a lost node is a worker failure that
+    # FailureConfig retries from the last checkpoint either way). Off unless set in the environment.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
     # qksweep validates sweep metrics before Ray starts; a trial rejected by a static constraint
     # returns without a result, which Tune's own strict check would turn into an error.
