@@ -154,6 +154,12 @@ class Bound(_Section):
 STATIC_CONSTRAINTS = ("params_m", "act_mem_gb")
 
 
+def _changed(section: BaseModel, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Fields of ``section`` that differ from their defaults (survives a dump/validate round trip)."""
+    return [k for k, f in type(section).model_fields.items()
+            if k not in exclude and getattr(section, k) != f.get_default(call_default_factory=True)]
+
+
 class DistillConfig(_Section):
     """Knowledge distillation from a frozen teacher (off while ``teacher`` is null).
 
@@ -267,9 +273,16 @@ class Config(_Section):
     prune: PruneConfig = Field(default_factory=PruneConfig)
 
     @model_validator(mode="after")
-    def _prune_fits(self) -> "Config":
+    def _distill_and_prune_fit(self) -> "Config":
+        d = self.distill
+        if not d.enabled and _changed(d, exclude=("teacher",)):
+            raise ValueError(f"distill.teacher is missing but distill.{_changed(d, exclude=('teacher',))[0]} is set: "
+                             "give the teacher (an MLflow run id, a checkpoint path or a timm model name)")
         p, epochs = self.prune, self.optim.epochs
         if not p.enabled:
+            if _changed(p, exclude=("method",)):
+                raise ValueError(f"prune.method is missing but prune.{_changed(p, exclude=('method',))[0]} is set: "
+                                 "give prune.method (l1_unstructured or ln_structured)")
             return self
         if p.at_epoch is None:
             raise ValueError("prune.at_epoch is missing: give the number of dense epochs before pruning, e.g. prune.at_epoch=6")
@@ -529,7 +542,7 @@ def check_config(cfg: Config) -> Config:
         raise ConfigError("config: sweep.stop_on.spec_sigma_max_growth needs spectral.enabled: true")
     if cfg.run.gpus_per_worker > 0:
         check_gpus_available(cfg)
-    if cfg.distill.enabled or cfg.distill.teacher_checkpoint:
+    if cfg.distill.enabled:
         from .distill import check_distill
 
         check_distill(cfg.distill, cfg.data, cfg.tracking.uri)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -61,6 +62,21 @@ class Teacher(torch.nn.Module):
         return out
 
 
+@contextmanager
+def _quiet_downloads():
+    """No MLflow download progress bars: a bad teacher must stay a one-line error."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
 def _is_path_or_run(text: str) -> bool:
     from ..tools.source import is_run_id
 
@@ -78,7 +94,8 @@ def _from_qksweep(d: DistillConfig, tracking_uri: str, device, student_data: Dat
         raise ConfigError(f"distill.teacher_checkpoint applies to a timm model name teacher; distill.teacher "
                           f"'{d.teacher}' already names a checkpoint or run: drop distill.teacher_checkpoint")
     try:
-        loaded = load_source(d.teacher, tracking_uri=tracking_uri, which="best", device=device)
+        with _quiet_downloads():
+            loaded = load_source(d.teacher, tracking_uri=tracking_uri, which="best", device=device)
     except CheckpointError as e:
         raise ConfigError(f"distill.teacher: {e}") from None
     except ConfigError as e:
@@ -202,8 +219,6 @@ def check_distill(d: DistillConfig, data: DataConfig, tracking_uri: str) -> None
     from ..config import known_num_classes
 
     if not d.enabled:
-        if d.teacher_checkpoint:
-            raise ConfigError("distill.teacher_checkpoint is set but distill.teacher is not: name the teacher model")
         return
     key = (d.teacher, d.teacher_checkpoint, d.teacher_weights, data.name, data.root, tracking_uri)
     if key in _CHECKED:
