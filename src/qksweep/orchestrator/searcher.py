@@ -48,6 +48,19 @@ class HonestOptunaSearch(OptunaSearch):
         self._constraints = constraints or {}
         self._last_epoch: dict[str, int] = {}
 
+    def _setup_study(self, mode):
+        super()._setup_study(mode)
+        names = self._metric if isinstance(self._metric, list) else [self._metric]
+        if self._ot_study.metric_names is None and all(names):
+            import warnings
+
+            try:  # Optuna's plots and dashboards then label the axes with the metrics, not "Objective 0"
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # ExperimentalWarning
+                    self._ot_study.set_metric_names(list(names))
+            except Exception:  # noqa: BLE001 - labels only
+                pass
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         epoch = result.get("epoch")
         if epoch is not None:
