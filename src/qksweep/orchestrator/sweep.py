@@ -105,7 +105,8 @@ def _parent_run(cfg: Config, name: str) -> str | None:
         return None
     c = runs.client(cfg.tracking.uri)
     exp = runs.experiment_id(c, cfg.experiment)
-    d = cfg.to_dict()
+    d = mask_config(cfg.to_dict())  # no password or bucket key in params
+    d["sweep"] = dict(d["sweep"])
     space = d["sweep"].pop("space")
     run_id, created = runs.get_or_create_run(c, exp, {runs.KIND: "sweep", runs.SWEEP: name}, run_name=name,
                                              params=flatten(d))
