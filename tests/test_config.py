@@ -38,7 +38,10 @@ def test_shipped_configs_validate(name):
     raw = yaml.safe_load((ROOT / "configs" / name).read_text())
     stand_in = {"cifar10": ["data.download=true"], "cifar100": ["data.download=true"],  # nothing is downloaded by a check
                 "imagefolder": ["data.name=synthetic", "data.root=null", "data.num_classes=100"]}
-    cfg = check_config(load_config(raw, ["run.gpus_per_worker=0", *stand_in.get(raw["data"]["name"], [])]))
+    extra = list(stand_in.get(raw["data"]["name"], []))
+    if isinstance(raw.get("distill"), dict) and not raw["distill"].get("teacher"):  # the user's own teacher run id
+        extra += ["distill.teacher=vit_tiny_patch16_224", "distill.teacher_weights=none"]
+    cfg = check_config(load_config(raw, ["run.gpus_per_worker=0", *extra]))
     check_sweep(cfg)
 
 
