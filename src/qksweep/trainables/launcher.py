@@ -73,7 +73,7 @@ def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: l
     if resume_from:  # Train V2: the loop loads it when the run has no checkpoint of its own yet
         loop_config["resume_from"] = resume_from
     loop_config.update(extra or {})
-    return TorchTrainer(
+    return without_ray_data(TorchTrainer)(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.workers, use_gpu=gpus > 0,
@@ -81,6 +81,32 @@ def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: l
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
         run_config=run_config,
     )
+
+
+def without_ray_data(trainer_cls):
+    """``trainer_cls`` minus Ray Data's ``DatasetsCallback`` when the trainer is given no Ray Datasets
+    (qksweep never gives it any: the loop builds its own tensors or DataLoaders).
+
+    That callback starts a ``DatasetManager`` actor for every Train run (one more Python process,
+    importing Ray Data and pyarrow) and ships Ray Data's context to each worker, whose unpickling
+    imports Ray Data there too, between the worker's start and its first step. With datasets, or on
+    a Ray whose trainer has no such hook, the class is returned unchanged."""
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    except ImportError:
+        return trainer_cls
+    if not hasattr(trainer_cls, "_create_default_callbacks"):
+        return trainer_cls
+
+    class Trainer(trainer_cls):
+        def _create_default_callbacks(self):
+            cbs = super()._create_default_callbacks()
+            if getattr(self, "datasets", None):
+                return cbs
+            return [cb for cb in cbs if not isinstance(cb, DatasetsCallback)]
+
+    Trainer.__name__ = Trainer.__qualname__ = trainer_cls.__name__
+    return Trainer
 
 
 def log_config_artifact(cfg: Config, run_id: str) -> None:
