@@ -180,6 +180,17 @@ def test_sweep_files_round_trip_through_the_bucket(s3, tmp_path, monkeypatch):
         [t.params["x"] for t in study.trials]
     assert b.known_sweeps() == ["sw"]
 
+    # `qksweep resume s3://BUCKET/PREFIX/NAME?...` finds the same sweep by its own URI
+    from qksweep.orchestrator.sweep import find_sweep
+
+    monkeypatch.setenv("QKSWEEP_CACHE_DIR", str(tmp_path / "machine-c"))
+    found = find_sweep(join(uri, "sw"))
+    assert found.remote == join(uri, "sw") and json.loads((found.local / STATE_FILE).read_text()) == {"name": "sw"}
+    with pytest.raises(ConfigError, match="names a bucket"):
+        find_sweep(uri.replace("/qk?", "?"))
+    with pytest.raises(ConfigError, match="known sweeps: sw|did you mean 'sw'"):
+        find_sweep("sx", storage=uri)
+
 
 # ---------------------------------------------------------------- a sweep in the bucket (slow)
 
