@@ -188,22 +188,29 @@ def test_ui_in_headless_chromium(remote, tmp_path):
 
 @pytest.mark.slow
 def test_real_sweep_logs_to_the_server_over_http(server, ray_session, tmp_path):
-    """A small real sweep with tracking.uri = the server: parent and trial runs arrive over HTTP."""
+    """A real sweep with tracking.uri = the server, 4 trials at once (half a CPU per worker):
+    parent and trial runs arrive over HTTP and no concurrent trial loses a metric."""
     from qksweep import api
 
     from .conftest import tiny_config
 
     url, _ = server
-    cfg = tiny_config(tmp_path, optim={"epochs": 2})
+    cfg = tiny_config(tmp_path, optim={"epochs": 2}, run={"cpus_per_worker": 0.5})
     cfg["experiment"] = "over-http"
     cfg["tracking"] = {"uri": url}
-    cfg["sweep"] = {"num_samples": 2, "scheduler": {"name": "none"}, "space": {"optim.lr": {"loguniform": [1e-3, 3e-3]}}}
+    cfg["sweep"] = {"num_samples": 4, "max_concurrent": 4, "scheduler": {"name": "none"},
+                    "space": {"optim.lr": {"loguniform": [1e-3, 3e-3]}}}
     res = api.sweep(cfg, name="http-sweep")
+    assert res.num_errors == 0
     exp = rest(url, "experiments/get-by-name", experiment_name="over-http")["experiment"]
     found = rest(url, "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 50,
                                       "filter": "tags.`qksweep.sweep` = 'http-sweep'"})["runs"]
     kinds = sorted({t["key"]: t["value"] for t in r["data"]["tags"]}["qksweep.kind"] for r in found)
-    assert kinds == ["sweep", "trial", "trial"]
-    trial = next(r for r in found if r["info"]["run_id"] == res.best_run_id)
-    hist = rest(url, "metrics/get-history", run_id=res.best_run_id, metric_key="val/top1")["metrics"]
-    assert sorted(int(m["step"]) for m in hist) == [1, 2] and trial["info"]["status"] == "FINISHED"
+    assert kinds == ["sweep", "trial", "trial", "trial", "trial"]
+    trials = [r for r in found if {t["key"]: t["value"] for t in r["data"]["tags"]}["qksweep.kind"] == "trial"]
+    assert res.best_run_id in {r["info"]["run_id"] for r in trials}
+    for trial in trials:
+        assert trial["info"]["status"] == "FINISHED"
+        for key in ("train/loss", "train/top1", "val/loss", "val/top1", "val/top5", "lr", "samples_per_s", "epoch"):
+            hist = rest(url, "metrics/get-history", run_id=trial["info"]["run_id"], metric_key=key)["metrics"]
+            assert sorted(int(m["step"]) for m in hist) == [1, 2], (key, hist)

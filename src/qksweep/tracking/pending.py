@@ -285,7 +285,11 @@ class Sender:
                 return
             status = "FINISHED"
         if status == "FINISHED" and r.get("finalize", True):
-            self._call(lambda: runs.finalize_run(uri, run_id, r.get("checkpoint")), "run finalization", end)
+            ckpt = r.get("checkpoint")
+            if ckpt and "://" not in ckpt and not Path(ckpt).exists():
+                log.warning("last checkpoint %s of run %s is gone; closing the run without it", ckpt, run_id)
+                ckpt = None
+            self._call(lambda: runs.finalize_run(uri, run_id, ckpt), "run finalization", end)
             return
         if r.get("if_running") and run.info.status != "RUNNING":
             return
@@ -382,6 +386,8 @@ def keep(run_dir: str, records: list[dict[str, Any]]) -> str:
 
 def find_files(target: str, storage: str | None = None) -> list[str]:
     """Pending files for a file, a run or sweep folder, or a sweep name (its folder and its trials')."""
+    if "://" in target or (storage and "://" in storage):  # run.storage in a bucket
+        return _find_in_bucket(target, storage)
     p = Path(target).expanduser()
     if p.is_file():
         return [str(p.resolve())]
@@ -398,3 +404,34 @@ def find_files(target: str, storage: str | None = None) -> list[str]:
         found += sorted(d.glob(f"*/{PENDING_FILE}"))
         found += sorted(d.parent.glob(f"{d.name}-*/{PENDING_FILE}"))  # a sweep's trial runs sit beside it
     return sorted({str(f.resolve()) for f in found})
+
+
+def _find_in_bucket(target: str, storage: str | None) -> list[str]:
+    """``find_files`` for a bucket: TARGET is a pending file's URI, a run or sweep URI, or a name under a
+    URI ``storage``; a sweep's trial runs sit beside it (``<storage>/<sweep>-<trial>/``)."""
+    import pyarrow.fs
+
+    from ..storage import filesystem, is_uri, join
+
+    if is_uri(target):
+        base = target
+    elif storage and is_uri(storage) and "/" not in target:
+        base = join(storage, target)
+    else:
+        return []
+    head, sep, query = base.partition("?")
+    if head.endswith("/" + PENDING_FILE):
+        return [base]
+    try:
+        fs, path = filesystem(base)
+        found = [join(base, PENDING_FILE)] if fs.get_file_info(f"{path}/{PENDING_FILE}").is_file else []
+        parent, _, name = path.rpartition("/")
+        parent_uri = head.rstrip("/").rpartition("/")[0] + sep + query
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True)):
+            if (info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith(f"{name}-")
+                    and fs.get_file_info(f"{info.path}/{PENDING_FILE}").is_file):
+                found.append(join(parent_uri, info.base_name, PENDING_FILE))
+    except Exception as e:  # noqa: BLE001 - nothing to flush is better than a resume that cannot start
+        log.warning("could not look for pending MLflow records under %s: %s", runs.mask_secrets(base), e)
+        return []
+    return sorted(found)
