@@ -151,7 +151,7 @@ def test_sweep_with_pruning_and_searched_distill_alpha_exports_a_pruned_checkpoi
                              "searcher": {"name": "optuna", "sampler": "random", "seed": 3},
                              "space": {"distill.alpha": {"uniform": [0.1, 0.9]}}})
     res = api.sweep(cfg, name="pd")
-    assert len(res.trials) == 2 and res.num_errors == 0
+    assert res.num_errors == 0  # the trials are counted from MLflow below
     from mlflow.tracking import MlflowClient
 
     uri = cfg["tracking"]["uri"]
