@@ -327,6 +327,19 @@ def summarize(grid, cfg: Config, name: str, parent_run_id: str | None, storage_p
         best = grid.get_best_result(metric=metric, mode=mode, scope="all", filter_nan_and_inf=True)
     except (RuntimeError, KeyError, ValueError):
         best = None
+    if parent_run_id:
+        # the trial `qksweep best` prints (MLflow, ties to the earlier trial): Tune breaks ties its own way
+        try:
+            from .export import best_trial as mlflow_best
+
+            picked = mlflow_best(cfg.tracking.uri, name, experiment=cfg.experiment, metric=metric, mode=mode)
+            best_run = picked["run_id"]
+            same = [r for r in grid if r.metrics and r.metrics.get("trial_id") == picked["trial_id"]]
+            if same:
+                best = same[0]
+        except Exception as e:  # noqa: BLE001 - MLflow away, no metric logged: Tune's pick stands, no run id
+            print(f"could not read the best trial from MLflow ({runs.mask_secrets(str(e).splitlines()[0][:160])}); "
+                  f"Tune's best is shown without its run id; `qksweep best {name}` reads MLflow later")
     if best is not None and best.metrics and metric in best.metrics:
         best_trial = best.metrics.get("trial_id")
         from ..search_spaces import apply_sample
@@ -334,15 +347,6 @@ def summarize(grid, cfg: Config, name: str, parent_run_id: str | None, storage_p
         best_config = apply_sample(cfg.to_dict(), best.config).to_dict()
         best_metrics = best_epoch_metrics(best, metric, mode)
         best_metrics["searched"] = dict(best.config)
-        if parent_run_id:
-            try:
-                c = runs.client(cfg.tracking.uri)
-                run = runs.find_run(c, runs.experiment_id(c, cfg.experiment),
-                                    {runs.KIND: "trial", runs.SWEEP: name, runs.TRIAL: best_trial})
-                best_run = run.info.run_id if run else None
-            except Exception as e:  # noqa: BLE001 - MLflow away: the sweep's result stands without the run id
-                print(f"MLflow did not answer ({runs.mask_secrets(str(e).splitlines()[0][:160])}): "
-                      f"the best trial's run id is unknown; `qksweep best {name}` finds it later")
     return SweepResult(name=name, best_config=best_config, best_metrics=best_metrics or {}, best_trial_id=best_trial,
                        best_run_id=best_run, parent_run_id=parent_run_id, trials=df, storage_path=storage_path,
                        num_errors=grid.num_errors)
