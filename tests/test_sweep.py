@@ -83,6 +83,10 @@ def test_four_trial_sweep_parent_children_asha_and_continue(ray_session, workdir
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["trial_id"] == res.best_trial_id
     assert res.best_run_id and res.best_config["model"]["embed_dim"] in (4, 8, 16, 32)
+    # the trials table (one row per trial, last result) and the best epoch's metrics
+    assert len(res.trials) == 4 and {"trial_id", "val/top1", "epoch"} <= set(res.trials.columns)
+    best_hist = c.get_metric_history(res.best_run_id, "val/top1")
+    assert res.best_metrics["val/top1"] == pytest.approx(max(m.value for m in best_hist))
 
     # browsing reads MLflow: one row per trial with the searched params; best --export is re-runnable
     out = run_cli("runs", "--sweep", "four", "--tracking-uri", uri, "--format", "json", cwd=workdir, timeout=120)

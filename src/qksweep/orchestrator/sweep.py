@@ -130,7 +130,11 @@ def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: 
     # a storage object, not a URL: pickled into Tune's state, it follows the sweep to another machine
     study_storage = SweepStudyStorage(files.optuna_url, sweep=name)
     searcher = make_searcher(cfg, specs, study_storage)
-    callbacks = []
+    from ray.tune.logger import JsonLoggerCallback
+
+    # each trial's result.json (one line per epoch): ResultGrid's trials table and best-epoch metrics read
+    # it; the other automatic loggers (CSV, TensorBoard) stay off (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS)
+    callbacks: list = [JsonLoggerCallback()]
     if parent_run_id:
         callbacks.append(SweepTracker(cfg.tracking.uri, cfg.experiment, name, parent_run_id, epochs=cfg.optim.epochs,
                                       scheduler=cfg.sweep.scheduler.name, optuna_storage=study_storage,
