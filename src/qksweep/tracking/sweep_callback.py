@@ -5,6 +5,8 @@ sweep continues the same runs."""
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 from ray.tune import Callback
 
@@ -14,6 +16,10 @@ log = logging.getLogger("qksweep.tracking")
 
 
 class SweepTracker(Callback):
+    # results.csv and the Optuna plots (PNG + HTML, fANOVA importances) cost the driver seconds of CPU
+    # that the trials share: redraw them at most this often while the sweep runs (the end always does)
+    REFRESH_EVERY_S = float(os.environ.get("QKSWEEP_SWEEP_PLOTS_EVERY_S", "60"))
+
     def __init__(self, tracking_uri: str, experiment: str, sweep: str, parent_run_id: str, *, epochs: int,
                  scheduler: str, optuna_storage: str | None, constraints: dict | None = None,
                  storage: str | None = None):
@@ -22,6 +28,7 @@ class SweepTracker(Callback):
         self.optuna_storage = optuna_storage
         self.constraints = constraints or {}
         self.storage = storage  # run.storage: each trial's Train run (and its MLflow pending file) is in there
+        self._refreshed_at: float | None = None
 
     def _trial_dir(self, trial) -> str | None:
         root = self.storage or getattr(getattr(trial, "storage", None), "storage_path", None)
@@ -95,7 +102,12 @@ class SweepTracker(Callback):
         self.refresh_parent()
 
     def refresh_parent(self) -> None:
-        """results.csv and Optuna plots on the parent run, kept current as trials end."""
+        """results.csv and Optuna plots on the parent run, kept current as trials end (at most every
+        ``REFRESH_EVERY_S``; :func:`close_parent_run` draws the final ones)."""
+        now = time.monotonic()
+        if self._refreshed_at is not None and now - self._refreshed_at < self.REFRESH_EVERY_S:
+            return
+        self._refreshed_at = now
         try:
             from .sweep_plots import write_sweep_artifacts
         except ImportError:
