@@ -368,11 +368,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         first = str(e).splitlines()[0]
         raise ConfigError(f"override '{text}': value is not valid YAML ({first})") from None
     # YAML reads 1e-3 as a string (it wants 1.0e-3); numbers are what people mean here.
-    if isinstance(value, str):
-        try:
-            value = float(value) if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value) else value
-        except ValueError:
-            pass
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value):
+        value = float(value)  # the pattern only matches what float() reads
     return key, value
 
 
