@@ -50,3 +50,18 @@ def test_no_ray_data_callback_without_datasets(tmp_path):
     cbs = trainer_cls(lambda c: None, **kw)._create_default_callbacks()
     assert not any(isinstance(c, DatasetsCallback) for c in cbs)
     assert any(isinstance(c, DatasetsCallback) for c in TorchTrainer(lambda c: None, **kw)._create_default_callbacks())
+
+
+def test_train_callbacks_unpickle_without_mlflow_or_the_trial_driver():
+    """Ray pickles the run's callbacks into the Train context: the controller and every worker unpickle
+    them at start-up, so their modules must not pull in MLflow or the trial driver's imports."""
+    import pickle
+
+    from qksweep.tracking.callback import MLflowEpochLogger
+    from qksweep.trainables.report import PublicTuneReport
+
+    blob = pickle.dumps([MLflowEpochLogger("sqlite:///x.db", "r1", metric="val/top1", mode="max", epochs=2),
+                         PublicTuneReport.__new__(PublicTuneReport)])
+    code = f"import pickle\ncbs = pickle.loads({blob!r})\nassert type(cbs[0]).__name__ == 'MLflowEpochLogger'"
+    got = _modules_after(code + "\nimport sys\nassert 'qksweep.trainables.trial' not in sys.modules")
+    assert not got["mlflow"] and not got["timm"], got

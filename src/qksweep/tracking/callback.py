@@ -4,6 +4,10 @@ It runs in the Train controller, after the epoch's checkpoint is persisted, so o
 one batch of MLflow metrics exactly once: a restarted worker resumes from that checkpoint and never
 re-reports the epoch. On a controller restart (trial retry, resumed sweep) it first reads which
 epochs the run already holds and skips them.
+
+The module imports MLflow only when the first epoch is logged: Ray pickles the callback into the
+Train run's context, so the controller and every worker unpickle it at start-up, and importing
+MLflow's client (with its SQLAlchemy store) there cost each worker ~0.8 s before its first step.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from typing import Any
 
 from ray.train.v2.api.callback import UserCallback
 
-from . import pending, runs
 
 
 class MLflowEpochLogger(UserCallback):
@@ -29,13 +32,15 @@ class MLflowEpochLogger(UserCallback):
         self.metric, self.mode, self.epochs = metric, mode, epochs
         self.label, self.echo = label, echo
         self.run_dir = run_dir
-        self._sender: pending.Sender | None = None
+        self._sender = None  # a pending.Sender, made in the controller
         self._pending: bool | None = None  # whether the pending file holds records (read once)
         self._best: float | None = None
         self._outage_since: float | None = None
         self._mem: list[dict[str, Any]] = []  # pending records when the run has no storage folder
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        from . import pending
+
         m = metrics[0]
         epoch = int(m.get("epoch", 0))
         if self._sender is None:  # the callback is pickled to the controller actor: state starts there
@@ -59,6 +64,8 @@ class MLflowEpochLogger(UserCallback):
 
     def _records(self, m: dict[str, Any], epoch: int, checkpoint) -> list[dict[str, Any]]:
         """This report as pending-file records; epochs the run already holds are skipped when sent."""
+        from . import pending
+
         known = self._sender.known(self.run_id)
         seen = self._sender.seen_cached(self.run_id)
         out = []
@@ -87,6 +94,8 @@ class MLflowEpochLogger(UserCallback):
         return value > self._best if self.mode == "max" else value < self._best
 
     def _report(self, left: list, err: Exception | None, path: str | None, epoch: int) -> None:
+        from . import runs
+
         if left and self._outage_since is None:
             self._outage_since = time.monotonic()
             where = f"kept in {runs.mask_secrets(path)}" if path else "kept in memory"

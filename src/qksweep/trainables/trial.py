@@ -10,27 +10,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ray.tune.integration.ray_train import TuneReportCallback
-
 from ..search_spaces import apply_sample
 from ..storage import checkpoint_uri
 from .launcher import storage_root
 from ..tracking import pending, runs
 from .launcher import close_run, first_line, log_config_artifact, make_trainer, run_dir, run_params
-
-
-class PublicTuneReport(TuneReportCallback):
-    """TuneReportCallback without the private ``_``-keys (per-update spectra go to MLflow only), plus
-    the trial's static figures (``params_m``, ``act_mem_gb`` when constrained) in every result, so
-    that the searcher can tell Optuna a launched trial's constraint values."""
-
-    def __init__(self, static: dict[str, float] | None = None):
-        super().__init__()
-        self.static = dict(static or {})
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        clean = [{**self.static, **{k: v for k, v in m.items() if not k.startswith("_")}} for m in metrics]
-        super().after_report(run_context, clean, checkpoint)
+from .report import PublicTuneReport
 
 
 def trial_run_name(sweep: str, trial_id: str) -> str:
