@@ -10,7 +10,7 @@ import sys
 
 
 def _modules_after(code: str) -> dict[str, bool]:
-    probe = code + "\nimport json, sys\nprint(json.dumps({m: m in sys.modules for m in ('mlflow', 'timm', 'spikingjelly', 'qksweep.api')}))"
+    probe = code + "\nimport json, sys\nprint(json.dumps({m: m in sys.modules for m in ('mlflow', 'timm', 'spikingjelly', 'qksweep.api', 'torch')}))"
     env = {**os.environ, "RAY_TRAIN_V2_ENABLED": "1"}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=600, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -31,9 +31,21 @@ cfg = Config.model_validate({{"model": {{"name": "qkformer_cifar", "embed_dim": 
                              "run": {{"storage": {str(tmp_path)!r}}}, "tracking": {{"enabled": False}}}})
 t = make_trainer(cfg, run_name="t", run_id=None)
 assert t.train_loop_per_worker.__module__ == "qksweep.trainables.entry", t.train_loop_per_worker
+assert type(t).__name__ == "DataParallelTrainer", type(t)  # one CPU worker: no process group to set up
 """
     got = _modules_after(code)
-    assert not got["timm"] and not got["spikingjelly"], got
+    # nor torch: the trial driver and the Train controller that unpickles the backend skip its import
+    assert not got["timm"] and not got["spikingjelly"] and not got["torch"], got
+
+
+def test_several_workers_or_a_gpu_get_torchs_process_group():
+    from qksweep.trainables.launcher import trainer_class
+
+    for workers, gpus, backend in ((2, 0, "gloo"), (1, 1, "nccl"), (4, 0.5, "nccl")):
+        cls, kw = trainer_class(workers, gpus)
+        assert cls.__name__ == "TorchTrainer" and kw["torch_config"].backend == backend
+    cls, kw = trainer_class(1, 0)
+    assert cls.__name__ == "DataParallelTrainer" and kw == {}
 
 
 def test_no_ray_data_callback_without_datasets(tmp_path):

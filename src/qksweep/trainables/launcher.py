@@ -45,7 +45,6 @@ def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: l
                  label: str = "", echo: bool = True, extra: dict[str, Any] | None = None,
                  resume_from: str | None = None):
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from .entry import train_loop  # imports the loop (timm, SpikingJelly) only in the worker
 
@@ -73,14 +72,33 @@ def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: l
     if resume_from:  # Train V2: the loop loads it when the run has no checkpoint of its own yet
         loop_config["resume_from"] = resume_from
     loop_config.update(extra or {})
-    return without_ray_data(TorchTrainer)(
+    trainer_cls, backend = trainer_class(cfg.run.workers, gpus)
+    return without_ray_data(trainer_cls)(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.workers, use_gpu=gpus > 0,
                                                resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
         run_config=run_config,
+        **backend,
     )
+
+
+def trainer_class(workers: int, gpus: float) -> tuple[type, dict[str, Any]]:
+    """``TorchTrainer`` (process group: gloo on CPU, NCCL on GPU) for several workers or any GPU; for one
+    CPU worker, its base class ``DataParallelTrainer`` with Ray's plain backend.
+
+    A single CPU worker has nothing to synchronise: the loop never calls ``torch.distributed`` when the
+    world size is 1. ``TorchConfig`` would still set up a one-member gloo group, and, because its module
+    imports torch, whichever process unpickles it imports torch: the trial driver (to build the trainer)
+    and the Train controller (to run the backend), ~1.4-1.7 s of CPU each, both on the path to the
+    trial's first step. The worker runs the same ``train_loop`` either way."""
+    if workers == 1 and not gpus:
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+        return DataParallelTrainer, {}
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer, {"torch_config": TorchConfig(backend="nccl" if gpus > 0 else "gloo")}
 
 
 def without_ray_data(trainer_cls):
