@@ -71,10 +71,14 @@ class HonestOptunaSearch(OptunaSearch):
         value = result.get(self.metric)
         if ot_trial is None or value is None:
             return
+        reported = self.__dict__.setdefault("_reported_epoch", {})
+        if reported.get(trial_id, -1) >= int(epoch):  # the last result comes again with on_trial_complete
+            return
         try:
             ot_trial.report(float(value), int(epoch))
+            reported[trial_id] = int(epoch)
         except (NotImplementedError, RuntimeError, ValueError):
-            pass  # a step already reported (restored trial) or a storage that refuses it
+            pass  # a storage that refuses it
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
