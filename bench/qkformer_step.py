@@ -29,7 +29,7 @@ QKFormer code takes about 2.5 s per such step on a machine like this one.
    and ``qkformer_step_gflops`` = that ÷ the eager step: the arithmetic floor a step time meets on
    this CPU (its fp32 peak is cores × GHz × FLOPs per cycle, 32 with AVX-512/AVX2 FMA on two pipes).
 
-    python bench/qkformer_step.py --quick             # 2 steps per variant, compile limited to 150 s
+    python bench/qkformer_step.py --quick             # 2 steps per variant, compile limited to 300 s
     python bench/qkformer_step.py                     # 5 steps per variant, compile limited to 1800 s
     python bench/qkformer_step.py --tiny --quick      # a tiny model: checks the script, not the CPU
 """
@@ -168,7 +168,7 @@ def run_child(args, size: dict, threads: int) -> tuple[dict | None, str | None, 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2 steps per variant, compile limited to 150 s")
+    ap.add_argument("--quick", action="store_true", help="2 steps per variant, compile limited to 300 s")
     ap.add_argument("--steps", type=int, help="timed steps per variant (default 2 with --quick, else 5)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, help=argparse.SUPPRESS)
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compiled-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.steps = args.steps or (2 if args.quick else 5)
-    args.compile_timeout = args.compile_timeout or (150 if args.quick else 1800)
+    args.compile_timeout = args.compile_timeout or (300 if args.quick else 1800)
     size = dict(TINY if args.tiny else SIZE)
 
     if args.compiled_child:
