@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import optuna
@@ -11,6 +12,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ..config import Config, ConfigError
 from ..search_spaces import ParamSpec, make_define_by_run
+
+log = logging.getLogger("qksweep.searcher")
 
 
 def make_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
@@ -47,6 +50,7 @@ class HonestOptunaSearch(OptunaSearch):
         self._max_epochs = max_epochs
         self._constraints = constraints or {}
         self._last_epoch: dict[str, int] = {}
+        self._reported_epoch: dict[str, int] = {}  # last step told to Optuna per trial
 
     def _setup_study(self, mode):
         super()._setup_study(mode)
@@ -71,14 +75,13 @@ class HonestOptunaSearch(OptunaSearch):
         value = result.get(self.metric)
         if ot_trial is None or value is None:
             return
-        reported = self.__dict__.setdefault("_reported_epoch", {})
-        if reported.get(trial_id, -1) >= int(epoch):  # the last result comes again with on_trial_complete
+        if self._reported_epoch.get(trial_id, -1) >= int(epoch):  # the last result comes again with on_trial_complete
             return
         try:
             ot_trial.report(float(value), int(epoch))
-            reported[trial_id] = int(epoch)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass  # a storage that refuses it
+            self._reported_epoch[trial_id] = int(epoch)
+        except (NotImplementedError, RuntimeError, ValueError) as e:  # intermediate values only feed pruned trials' ranking
+            log.warning("Optuna did not take trial %s's epoch %s: %s", trial_id, epoch, e)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:

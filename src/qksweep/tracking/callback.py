@@ -20,7 +20,6 @@ from typing import Any
 from ray.train.v2.api.callback import UserCallback
 
 
-
 class MLflowEpochLogger(UserCallback):
     """Logs each epoch once. MLflow trouble never fails or stalls the run: an epoch that cannot be sent
     within ``QKSWEEP_MLFLOW_EPOCH_WAIT_S`` (3 s) goes to the run's pending file (see

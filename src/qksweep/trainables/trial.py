@@ -12,9 +12,8 @@ from typing import Any
 
 from ..search_spaces import apply_sample
 from ..storage import checkpoint_uri
-from .launcher import storage_root
 from ..tracking import pending, runs
-from .launcher import close_run, first_line, log_config_artifact, make_trainer, run_dir, run_params
+from .launcher import close_run, first_line, log_config_artifact, make_trainer, run_dir, run_params, storage_root
 from .report import PublicTuneReport
 
 
