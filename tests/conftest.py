@@ -52,3 +52,55 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None
     e = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "qksweep.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=e)
+
+
+def _ray_leftovers() -> tuple[float, list[str]]:
+    """CPUs held in the session's Ray and the actors still alive (named by class and state)."""
+    import ray
+    from ray.util.state import list_actors
+
+    held = ray.cluster_resources().get("CPU", 0.0) - ray.available_resources().get("CPU", 0.0)
+    try:
+        from ray._private.worker import get_dashboard_url
+
+        url = get_dashboard_url()
+        actors = list_actors(address=url if url.startswith("http") else f"http://{url}",
+                             filters=[("state", "!=", "DEAD")], raise_on_missing_output=False)
+        names = [f"{a.class_name} ({a.state}, pid {a.pid})" for a in actors]
+    except Exception as e:  # noqa: BLE001 - the state API is only used to name what is left
+        names = [f"(state API: {type(e).__name__})"]
+    return held, names
+
+
+@pytest.fixture(autouse=True)
+def _ray_left_clean(request):
+    """A test that uses the session's Ray must hand its CPUs back: a Train run or trial left alive holds
+    them, and every later test then waits for workers until its own timeout (one leak used to cost the
+    rest of the suite). The leaking test fails here, by name, and what it left is killed so the suite goes
+    on. The wait is bounded: Ray frees a finished run's placement group within a few seconds."""
+    yield
+    if "ray_session" not in request.fixturenames:
+        return
+    import time
+
+    import ray
+
+    if not ray.is_initialized():
+        return
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        held = ray.cluster_resources().get("CPU", 0.0) - ray.available_resources().get("CPU", 0.0)
+        if held <= 1e-6:
+            return
+        time.sleep(0.5)
+    held, names = _ray_leftovers()
+    if held <= 1e-6:
+        return
+    from ray.util import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    for pg_id, pg in placement_group_table().items():
+        if pg.get("state") == "CREATED":
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    pytest.fail(f"{held:g} CPU still held 60 s after the test; alive actors: {', '.join(names) or 'none'}",
+                pytrace=False)

@@ -382,7 +382,10 @@ def head(tmp_path_factory):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
     # Ray 2.60's default: `ray start --head` turns token auth on when a token exists (here: this file)
+    # workers at normal priority, as in qksweep's own local instance (cluster/connect.py): at Ray's nice 15
+    # they starve behind any busy process on a 2-CPU box
     env.update({"RAY_AUTH_TOKEN_PATH": str(token), "QKSWEEP_TEST_HEAD": marker, "RAY_DEDUP_LOGS": "0",
+                "RAY_worker_niceness": "0",
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={gcs}",
            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
