@@ -166,3 +166,37 @@ def test_ctrl_c_saves_state_exits_130_and_resume_finishes(ray_session, workdir):
     c, trials, parents = trial_runs(cfg["tracking"]["uri"], "ctrlc")
     assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials) and res.best_trial_id
     assert parents[0].info.status == "FINISHED"
+
+
+def test_release_placement_groups_frees_only_what_the_sweep_left(ray_session):
+    """A Train controller that dies while it reserves a new worker group leaves a placement group that
+    outlives it (see cluster/placement.py). The sweep driver removes the ones its job made during the
+    sweep, and only those."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from qksweep.cluster.placement import job_placement_groups, release_placement_groups
+
+    mine = placement_group([{"CPU": 0.5}])  # the caller's own, made before the sweep
+    ray.get(mine.ready(), timeout=60)
+    before = job_placement_groups()
+
+    @ray.remote(num_cpus=0)
+    class Reserver:  # stands for a controller reserving a worker group as it dies
+        def reserve(self):
+            pg = placement_group([{"CPU": 1}])
+            ray.get(pg.ready(), timeout=60)
+            return pg.id.hex()
+
+    r = Reserver.remote()
+    left = ray.get(r.reserve.remote(), timeout=120)
+    ray.kill(r)
+    time.sleep(1)
+    assert left in job_placement_groups() and ray.available_resources().get("CPU", 0) == 0.5
+    assert release_placement_groups(before, settle_s=5) == [left]
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < 1.5 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 1.5
+    assert mine.id.hex() in job_placement_groups()
+    remove_placement_group(mine)

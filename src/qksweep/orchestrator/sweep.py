@@ -241,12 +241,16 @@ def resume_sweep(name_or_path: str, storage: str | None = None) -> SweepResult:
 
 
 def _fit(tuner, cfg: Config, name: str, parent_run_id: str | None, files: SweepFiles) -> SweepResult:
+    from ..cluster.placement import job_placement_groups, release_placement_groups
+
     c = runs.client(cfg.tracking.uri) if parent_run_id else None
+    before = job_placement_groups()
     try:
         try:
             with tune_interrupt_probe() as stopped:
                 grid = tuner.fit()
         finally:
+            release_placement_groups(before)  # what stopped Train runs reserved as they died
             _final_upload(files)
         if stopped.fired or interrupted(grid, cfg.sweep.num_samples):  # Tune catches Ctrl-C itself and returns
             raise SweepInterrupted(f"sweep {name} interrupted; its state is saved: `qksweep resume {name}` continues it")
