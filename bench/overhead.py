@@ -289,13 +289,11 @@ def task_timeline(since: float, until: float) -> list[dict]:
     """Ray tasks and actor creations that started between ``since`` and ``until`` (wall clock, s),
     from Ray's state API: where a trial's start-up goes (best effort; [] if the API is unavailable)."""
     try:
-        from ray._private.worker import get_dashboard_url
         from ray.util.state import list_tasks
 
-        # the API server of *this* Ray: on a machine with several local Rays, address=None is ambiguous
-        url = get_dashboard_url()
-        address = url if not url or url.startswith("http") else f"http://{url}"
-        tasks = list_tasks(address=address, detail=True, limit=10000, raise_on_missing_output=False)
+        from qksweep.cluster.connect import state_api_address
+
+        tasks = list_tasks(address=state_api_address(), detail=True, limit=10000, raise_on_missing_output=False)
     except Exception as e:  # noqa: BLE001
         return [{"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}]
     first: dict[str, dict] = {}

@@ -60,11 +60,10 @@ def _ray_leftovers() -> tuple[float, list[str]]:
     from ray.util.state import list_actors
 
     held = ray.cluster_resources().get("CPU", 0.0) - ray.available_resources().get("CPU", 0.0)
-    try:
-        from ray._private.worker import get_dashboard_url
+    from qksweep.cluster.connect import state_api_address
 
-        url = get_dashboard_url()
-        actors = list_actors(address=url if url.startswith("http") else f"http://{url}",
+    try:
+        actors = list_actors(address=state_api_address(),
                              filters=[("state", "!=", "DEAD")], raise_on_missing_output=False)
         names = [f"{a.class_name} ({a.state}, pid {a.pid})" for a in actors]
     except Exception as e:  # noqa: BLE001 - the state API is only used to name what is left
@@ -96,11 +95,10 @@ def _ray_left_clean(request):
     held, names = _ray_leftovers()
     if held <= 1e-6:
         return
-    from ray.util import placement_group_table, remove_placement_group
-    from ray.util.placement_group import PlacementGroup
+    from ray.util import placement_group_table
 
-    for pg_id, pg in placement_group_table().items():
-        if pg.get("state") == "CREATED":
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    from qksweep.cluster.placement import remove
+
+    remove(pg_id for pg_id, pg in placement_group_table().items() if pg.get("state") == "CREATED")
     pytest.fail(f"{held:g} CPU still held 60 s after the test; alive actors: {', '.join(names) or 'none'}",
                 pytrace=False)

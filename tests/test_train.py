@@ -56,18 +56,11 @@ def test_same_seed_same_validation_metrics(ray_session, workdir):
         assert a.metrics[k] == b.metrics[k], k
 
 
-def _state_api_address() -> str:
-    """This session's dashboard: with other local Rays on the machine (parallel test runs), the state
-    API's address=None refuses to pick one ("Found multiple active Ray instances")."""
-    from ray._private.worker import get_dashboard_url
-
-    url = get_dashboard_url()
-    return url if url.startswith("http") else f"http://{url}"
-
-
 def _kill_worker_when(uri: str, epoch_reached: int, done: dict) -> None:
     """Fault injection: SIGKILL the Ray Train worker once the run has logged `epoch_reached`."""
     from ray.util.state import list_actors
+
+    from qksweep.cluster.connect import state_api_address
 
     deadline = time.time() + 240
     c = MlflowClient(uri)
@@ -75,7 +68,7 @@ def _kill_worker_when(uri: str, epoch_reached: int, done: dict) -> None:
         exp = c.get_experiment_by_name("test")
         runs = c.search_runs([exp.experiment_id]) if exp else []
         if runs and any(m.step >= epoch_reached for m in c.get_metric_history(runs[0].info.run_id, "epoch")):
-            for a in list_actors(address=_state_api_address(),
+            for a in list_actors(address=state_api_address(),
                                  filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
                 os.kill(a.pid, signal.SIGKILL)
                 done["killed"] = a.pid

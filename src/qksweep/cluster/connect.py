@@ -70,6 +70,15 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **kwargs)
 
 
+def state_api_address() -> str:
+    """The dashboard (state API) of the Ray this process is connected to. With more than one Ray on the
+    machine, the state API's ``address=None`` refuses to pick one ("Found multiple active Ray instances")."""
+    from ray._private.worker import get_dashboard_url
+
+    url = get_dashboard_url()
+    return url if not url or url.startswith("http") else f"http://{url}"
+
+
 def cluster_resources() -> dict[str, float]:
     import ray
 

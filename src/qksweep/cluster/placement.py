@@ -33,14 +33,30 @@ def job_placement_groups() -> set[str]:
             if pg_id.endswith(job) and pg.get("state") != "REMOVED"}
 
 
+def remove(pg_ids) -> list[str]:
+    """Remove these placement groups (hex ids); returns those Ray took. Their actors die with them."""
+    import ray
+    from ray.util import remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    removed = []
+    for pg_id in sorted(pg_ids):
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+            removed.append(pg_id)
+        except Exception as e:  # noqa: BLE001 - already gone or the cluster is going away: nothing to free
+            log.debug("placement group %s: %s", pg_id, e)
+    return removed
+
+
 def _controllers_alive(job: str) -> int | None:
     """How many Train controllers of ``job`` are not dead yet; None when the state API cannot say."""
     try:
-        from ray._private.worker import get_dashboard_url
         from ray.util.state import list_actors
 
-        url = get_dashboard_url()
-        actors = list_actors(address=url if url.startswith("http") else f"http://{url}",
+        from .connect import state_api_address
+
+        actors = list_actors(address=state_api_address(),
                              filters=[("job_id", "=", job), ("class_name", "=", "TrainController"),
                                       ("state", "!=", "DEAD")], raise_on_missing_output=False, timeout=10)
         return len(actors)
@@ -52,8 +68,6 @@ def release_placement_groups(before: set[str], settle_s: float = 20.0) -> list[s
     """Remove the placement groups this job created since ``before`` was taken, once its Train
     controllers are gone (at most ``settle_s`` seconds of waiting). Returns the ids removed."""
     import ray
-    from ray.util import placement_group_table, remove_placement_group
-    from ray.util.placement_group import PlacementGroup
 
     if not ray.is_initialized():
         return []
@@ -65,16 +79,7 @@ def release_placement_groups(before: set[str], settle_s: float = 20.0) -> list[s
     while alive and time.monotonic() < deadline:
         time.sleep(0.5)
         alive = _controllers_alive(job)
-    removed = []
-    table = placement_group_table()
-    for pg_id in sorted(job_placement_groups() - before):
-        if table.get(pg_id, {}).get("state") == "REMOVED":
-            continue
-        try:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
-            removed.append(pg_id)
-        except Exception as e:  # noqa: BLE001 - already gone or the cluster is going away: nothing to free
-            log.debug("placement group %s: %s", pg_id, e)
+    removed = remove(job_placement_groups() - before)
     if removed:
         log.info("released %d placement group(s) left by stopped Train runs", len(removed))
     return removed
