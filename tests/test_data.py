@@ -300,6 +300,32 @@ def test_cifar10_augmented_upsampled_and_capped(tmp_path, monkeypatch):
     assert big.train[0][0].shape == (3, 80, 80) and big.val[0][0].shape == (3, 80, 80)
 
 
+@pytest.mark.parametrize("aa", ["rand-m9-mstd0.5-inc1", "v0r", "augmix-m5-w4-d2"])
+def test_posterize_at_top_magnitude_gives_black_not_an_error(tmp_path, monkeypatch, aa):
+    """timm maps the top magnitude of the increasing posterize to 0 bits, which Pillow 13 refuses;
+    QKFormer's CIFAR policy reaches it through its magnitude noise (it ended a CIFAR epoch)."""
+    from PIL import Image
+    from timm.data.auto_augment import AutoAugment
+
+    make_fake_cifar(tmp_path, monkeypatch)
+    tf = build_data(cfg(name="cifar10", root=str(tmp_path), img_size=32, aa=aa)).train.transform
+    aug = next(t for t in tf.transforms if type(t).__name__ in ("RandAugment", "AutoAugment", "AugMixAugment"))
+    ops = [op for sub in aug.policy for op in sub] if isinstance(aug, AutoAugment) else aug.ops
+    posterize = [op for op in ops if op.name.startswith("Posterize")]
+    assert posterize, [op.name for op in ops]
+    img = Image.fromarray(np.random.default_rng(0).integers(1, 256, (32, 32, 3), dtype=np.uint8))
+    for op in posterize:
+        for bits in (0, -1):
+            assert not np.asarray(op.aug_fn(img, bits)).any(), (op.name, bits)
+        assert (np.asarray(op.aug_fn(img, 8)) == np.asarray(img)).all()
+        assert (np.asarray(op.aug_fn(img, 1)) % 128 == 0).all()
+    inc = [op for op in posterize if op.name == "PosterizeIncreasing"]
+    if inc:  # the whole op at its top magnitude, as RandAugment calls it
+        op = inc[0]
+        op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0.0
+        assert not np.asarray(op(img)).any()
+
+
 def test_cifar100_from_fake_disk_copy(tmp_path, monkeypatch):
     names, _, n_test = make_fake_cifar(tmp_path, monkeypatch, hundred=True, per_batch=200)
     b = build_data(cfg(name="cifar100", root=str(tmp_path)))

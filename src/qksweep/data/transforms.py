@@ -87,7 +87,7 @@ def timm_train_transform(
     jitter, ToTensor, Normalize, RandomErasing) driven by the data options."""
     from timm.data import create_transform
 
-    return create_transform(
+    tf = create_transform(
         input_size=opts.img_size,
         is_training=True,
         scale=scale,
@@ -101,6 +101,41 @@ def timm_train_transform(
         re_prob=opts.reprob,
         re_mode=opts.remode,
     )
+    return keep_posterize_working(tf)
+
+
+def posterize_zero_bits_black(img, bits_to_keep, **_):
+    """timm's posterize, where keeping 0 bits gives a black image (what Pillow used to return).
+
+    timm 1.0.31's increasing posterize (the ``inc1`` in ``rand-m9-mstd0.5-inc1``, QKFormer's CIFAR
+    policy) maps the top magnitude to 0 bits; magnitude noise (``mstd``) reaches it now and then
+    (about 1 image in 5,000 here). Pillow 13 refuses ``ImageOps.posterize(img, 0)`` with
+    "bits must be between or equal to 1 and 8", which ended the epoch of a CIFAR run."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * (256 * len(img.getbands())))
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def keep_posterize_working(tf):
+    """Give every posterize op of timm's auto-augment (RandAugment, AutoAugment, AugMix) in the
+    Compose ``tf`` the 0-bit-safe posterize above; the rest of the pipeline is left as timm built it."""
+    from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
+
+    for t in getattr(tf, "transforms", ()):
+        if isinstance(t, (RandAugment, AugMixAugment)):
+            ops = list(t.ops)
+        elif isinstance(t, AutoAugment):
+            ops = [op for sub in t.policy for op in sub]
+        else:
+            continue
+        for op in ops:
+            if op.name.startswith("Posterize"):
+                op.aug_fn = posterize_zero_bits_black
+    return tf
 
 
 def timm_eval_transform(
