@@ -54,21 +54,24 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None
                           timeout=timeout, env=e)
 
 
-def _ray_leftovers() -> tuple[float, list[str]]:
-    """CPUs held in the session's Ray and the actors still alive (named by class and state)."""
+def _cpus_held() -> float:
     import ray
+
+    return ray.cluster_resources().get("CPU", 0.0) - ray.available_resources().get("CPU", 0.0)
+
+
+def _alive_actors() -> list[str]:
+    """The actors still alive in the session's Ray, named by class, state and pid."""
     from ray.util.state import list_actors
 
-    held = ray.cluster_resources().get("CPU", 0.0) - ray.available_resources().get("CPU", 0.0)
     from qksweep.cluster.connect import state_api_address
 
     try:
         actors = list_actors(address=state_api_address(),
                              filters=[("state", "!=", "DEAD")], raise_on_missing_output=False)
-        names = [f"{a.class_name} ({a.state}, pid {a.pid})" for a in actors]
+        return [f"{a.class_name} ({a.state}, pid {a.pid})" for a in actors]
     except Exception as e:  # noqa: BLE001 - the state API is only used to name what is left
-        names = [f"(state API: {type(e).__name__})"]
-    return held, names
+        return [f"(state API: {type(e).__name__})"]
 
 
 @pytest.fixture(autouse=True)
@@ -87,14 +90,12 @@ def _ray_left_clean(request):
     if not ray.is_initialized():
         return
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        held = ray.cluster_resources().get("CPU", 0.0) - ray.available_resources().get("CPU", 0.0)
-        if held <= 1e-6:
-            return
+    while _cpus_held() > 1e-6 and time.monotonic() < deadline:
         time.sleep(0.5)
-    held, names = _ray_leftovers()
+    held = _cpus_held()
     if held <= 1e-6:
         return
+    names = _alive_actors()
     from ray.util import placement_group_table
 
     from qksweep.cluster.placement import remove
