@@ -1,34 +1,87 @@
-"""Placement groups a sweep's Train runs leave behind when the sweep ends abruptly.
+"""Placement groups that Ray Train runs leave behind, while a sweep runs and when it ends.
 
-When Tune stops trials at the end of a sweep (Ctrl-C, SIGTERM, an error), it kills each trial's driver
-actor, and the Train controller that driver owns dies a moment later. A controller that sees its worker
-die first treats it as a worker failure and, within ``FailureConfig(max_failures)``, reserves a new
-worker group: a new placement group, created after Ray Train's ``PlacementGroupCleaner`` and, when the
-driver has already exited, after Ray removed the job's placement groups. On a cluster that outlives the
-driver (``RAY_ADDRESS``, ``qksweep submit``) that group then holds its CPUs for good, and every later
-trial or job waits for them. Measured with a 2-CPU local head: after Ctrl-C of ``qksweep sweep`` one
-1-CPU placement group of the finished job stayed CREATED, with no actor left, for as long as we watched.
+Why they are left (DEVELOPERS.md, "Placement groups that outlive their trial", has the evidence): a
+Train V2 controller reserves its worker group as a placement group and registers that group with its
+``PlacementGroupCleaner`` only *after* the workers started (``after_worker_group_start``). A controller
+that dies in between (its trial stopped by ASHA, Tune or Ctrl-C while it waits for the group, or while
+it reserves a new group after seeing its worker die) leaves a group that no cleaner knows. Ray removes
+a non-detached group only when both its creator actor and its job are dead, and the job is the sweep
+driver: the group holds its CPUs for the rest of the sweep, and two of them on a 2-CPU machine
+deadlock it.
 
-So the sweep driver, before it lets go, waits (bounded) until no Train controller of its own job is
-alive and removes the placement groups its job created during the sweep that are still there. Only
-groups created while the sweep ran are touched: a notebook's own groups made before it are left alone.
+So the sweep driver watches (:class:`PlacementGroupWatch`, a Tune callback): every few seconds it
+removes every group of its own job whose creator actor is dead (such a group can serve nobody: the
+workers in it were owned by that actor), and if no trial has made progress for a while as trials wait
+for resources, it says which trials wait for what and which groups hold the cluster. At the end of the
+sweep :func:`release_placement_groups` waits for the job's controllers and removes what they left.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from dataclasses import dataclass, field
 
 log = logging.getLogger("qksweep")
+
+NIL_ACTOR = "ff" * 16
+
+
+@dataclass(frozen=True)
+class Group:
+    """One placement group as the GCS records it."""
+
+    id: str
+    state: str  # PENDING, PREPARED, CREATED, RESCHEDULING, REMOVED
+    job: str
+    creator: str | None  # the actor that created it (hex); None for a driver
+    creator_dead: bool
+    bundles: tuple[dict[str, float], ...] = field(default=())
+
+    @property
+    def orphaned(self) -> bool:
+        """Created by an actor that is dead: nothing can use it any more (the actors in it were that
+        actor's), yet Ray keeps it until the job ends too."""
+        return self.creator is not None and self.creator_dead and self.state != "REMOVED"
+
+    def resources(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for b in self.bundles:
+            for k, v in b.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+
+def groups() -> list[Group]:
+    """Every placement group of the cluster, with its creator (the GCS's own table: Ray's public
+    ``placement_group_table`` leaves out who created a group and whether it is alive)."""
+    from ray._private.state import state
+    from ray.core.generated.gcs_pb2 import PlacementGroupTableData as T
+
+    out = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        d = T.FromString(raw)
+        creator = d.creator_actor_id.hex()
+        out.append(Group(id=d.placement_group_id.hex(), state=T.PlacementGroupState.Name(d.state),
+                         job=d.creator_job_id.hex(), creator=None if creator in ("", NIL_ACTOR) else creator,
+                         creator_dead=d.creator_actor_dead,
+                         bundles=tuple(dict(b.unit_resources) for b in d.bundles)))
+    return out
+
+
+def current_job() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_job_id()
 
 
 def job_placement_groups() -> set[str]:
     """Ids (hex) of this job's placement groups that are not removed. A placement group id ends with the
     id of the job that created it."""
-    import ray
     from ray.util import placement_group_table
 
-    job = ray.get_runtime_context().get_job_id()
+    job = current_job()
     return {pg_id for pg_id, pg in placement_group_table().items()
             if pg_id.endswith(job) and pg.get("state") != "REMOVED"}
 
@@ -47,6 +100,11 @@ def remove(pg_ids) -> list[str]:
         except Exception as e:  # noqa: BLE001 - already gone or the cluster is going away: nothing to free
             log.debug("placement group %s: %s", pg_id, e)
     return removed
+
+
+def orphans(job: str) -> list[Group]:
+    """This job's placement groups whose creator actor is dead."""
+    return [g for g in groups() if g.job == job and g.orphaned]
 
 
 def _controllers_alive(job: str) -> int | None:
@@ -71,7 +129,7 @@ def release_placement_groups(before: set[str], settle_s: float = 20.0) -> list[s
 
     if not ray.is_initialized():
         return []
-    job = ray.get_runtime_context().get_job_id()
+    job = current_job()
     deadline = time.monotonic() + settle_s
     alive = _controllers_alive(job)
     if alive is None:
@@ -83,3 +141,135 @@ def release_placement_groups(before: set[str], settle_s: float = 20.0) -> list[s
     if removed:
         log.info("released %d placement group(s) left by stopped Train runs", len(removed))
     return removed
+
+
+def describe(resources: dict[str, float]) -> str:
+    """``CPU 1, GPU 0.5``: the resources a person reads (not memory, object store or Ray's per-group names)."""
+    shown = {k: v for k, v in resources.items() if "_group_" not in k and not k.startswith(
+        ("memory", "object_store_memory", "node:", "accelerator_type"))}
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(shown.items())) or "nothing"
+
+
+def _actor_classes() -> dict[str, tuple[str, str]]:
+    """actor id -> (class name, state), best effort (the state API serves it through the dashboard)."""
+    try:
+        from ray.util.state import list_actors
+
+        from .connect import state_api_address
+
+        return {a.actor_id: (a.class_name, a.state) for a in
+                list_actors(address=state_api_address(), limit=10_000, raise_on_missing_output=False, timeout=10)}
+    except Exception:  # noqa: BLE001 - the classes only name the holders; ids are shown without them
+        return {}
+
+
+def stall_report(running_trials: list[str], idle_s: float, job: str) -> str | None:
+    """One line on why trials wait: the groups they wait for and the groups holding the cluster; None
+    when none of this sweep's groups is waiting (the trials are just slow)."""
+    import ray
+
+    all_groups = [g for g in groups() if g.state != "REMOVED"]
+    pending = [g for g in all_groups if g.job == job and g.state in ("PENDING", "RESCHEDULING")]
+    if not pending:
+        return None
+    total = dict(ray.cluster_resources())
+    free = dict(ray.available_resources())
+    classes = _actor_classes()
+
+    def holder(g: Group) -> str:
+        mine = "this sweep" if g.job == job else f"job {g.job}"
+        if g.creator is None:
+            return f"{g.id[:8]} ({describe(g.resources())}; {mine}; made by its driver)"
+        who = classes.get(g.creator, ("an actor", "DEAD" if g.creator_dead else "ALIVE"))
+        return f"{g.id[:8]} ({describe(g.resources())}; {mine}; made by {who[0]}, {who[1].lower()})"
+
+    holding = [g for g in all_groups if g.state == "CREATED" and any(
+        k in ("CPU", "GPU") for k in g.resources())]
+    need = {}
+    for g in pending:
+        for k, v in g.resources().items():
+            need[k] = max(need.get(k, 0.0), v)
+    fits = all(total.get(k, 0.0) >= v for k, v in need.items())
+    what = "" if fits else " more than the whole cluster has: they can never start"
+    running = ", ".join(running_trials) or "none"
+    return (f"sweep waiting: no trial has made progress for {idle_s:.0f} s; running trial(s) {running}; "
+            f"{len(pending)} worker group(s) of this sweep wait for {describe(need)} each{what}; cluster {describe(total)}, "
+            f"free {describe({k: free.get(k, 0.0) for k in total})}; held by: "
+            f"{'; '.join(holder(g) for g in holding) or 'no placement group (plain tasks or actors)'}")
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def make_watch(**kwargs):
+    """A :class:`PlacementGroupWatch` (built here so that importing this module does not import Tune)."""
+    from ray.tune import Callback
+
+    class PlacementGroupWatch(Callback):
+        """Tune callback in the sweep driver: removes this job's orphaned placement groups as soon as they
+        appear (checked every ``every_s``; a group goes once it has been orphaned for ``grace_s``, so that
+        Ray Train's own cleaner, which polls every second, frees the groups it knows itself), and when no
+        trial has reported, started or ended for ``stall_s`` while this sweep's groups wait, prints one
+        line naming who waits and who holds (again every ``repeat_s`` while it lasts). It looks at
+        placement groups only, so it holds for trials of any number of workers."""
+
+        def __init__(self, every_s: float | None = None, stall_s: float | None = None,
+                     repeat_s: float | None = None, grace_s: float = 3.0):
+            self.every_s = every_s if every_s is not None else _env_float("QKSWEEP_PG_WATCH_S", 2.0)
+            self.grace_s = grace_s
+            self._orphaned_since: dict[str, float] = {}
+            self.stall_s = stall_s if stall_s is not None else _env_float("QKSWEEP_STALL_S", 180.0)
+            self.repeat_s = repeat_s if repeat_s is not None else _env_float("QKSWEEP_STALL_REPEAT_S", 600.0)
+            self.reaped: list[Group] = []
+            self.reports: list[str] = []
+            self._job = None
+            self._next_check = 0.0
+            self._last_progress = time.monotonic()
+            self._next_report = 0.0
+            self._failing = False
+
+        def _progress(self, *args, **kwargs):
+            self._last_progress = time.monotonic()
+            self._next_report = 0.0
+
+        on_trial_start = on_trial_result = on_trial_complete = on_trial_error = _progress
+
+        def on_step_end(self, iteration, trials, **info):
+            now = time.monotonic()
+            if now < self._next_check:
+                return
+            self._next_check = now + (self.every_s if not self._failing else max(self.every_s, 30.0))
+            try:
+                self._job = self._job or current_job()
+                self._reap(now)
+                idle = now - self._last_progress
+                if idle >= self.stall_s and now >= self._next_report:
+                    waiting = [t.trial_id for t in trials if t.status == "RUNNING"]
+                    line = stall_report(waiting, idle, self._job)
+                    if line:
+                        self.reports.append(line)
+                        print(line, flush=True)
+                        self._next_report = now + self.repeat_s
+                self._failing = False
+            except Exception as e:  # noqa: BLE001 - GCS away for a moment, or no GCS table (Ray Client): retry slowly
+                if not self._failing:
+                    log.warning("placement-group watch: %s; retrying every 30 s", str(e).splitlines()[0] if str(e)
+                                else type(e).__name__)
+                self._failing = True
+
+        def _reap(self, now: float) -> None:
+            found = {g.id: g for g in orphans(self._job)}
+            self._orphaned_since = {i: self._orphaned_since.get(i, now) for i in found}
+            due = [i for i, t in self._orphaned_since.items() if now - t >= self.grace_s]
+            for pg_id in remove(due):
+                g = found[pg_id]
+                self.reaped.append(g)
+                self._orphaned_since.pop(pg_id, None)
+                print(f"released placement group {g.id[:8]} ({describe(g.resources())}): the Train controller that "
+                      f"made it is dead and had not handed it to Ray Train's cleaner", flush=True)
+
+    return PlacementGroupWatch(**kwargs)

@@ -134,7 +134,11 @@ def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: 
 
     # each trial's result.json (one line per epoch): ResultGrid's trials table and best-epoch metrics read
     # it; the other automatic loggers (CSV, TensorBoard) stay off (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS)
-    callbacks: list = [JsonLoggerCallback()]
+    from ..cluster.placement import make_watch
+
+    # frees what Train runs that died while reserving workers leave (cluster/placement.py); says why the
+    # sweep waits when no trial makes progress
+    callbacks: list = [JsonLoggerCallback(), make_watch()]
     if parent_run_id:
         callbacks.append(SweepTracker(cfg.tracking.uri, cfg.experiment, name, parent_run_id, epochs=cfg.optim.epochs,
                                       scheduler=cfg.sweep.scheduler.name, optuna_storage=study_storage,
