@@ -28,7 +28,11 @@ RAY_ENV: dict[str, str] = {
 
 
 def runtime_env() -> dict[str, Any]:
-    return {"env_vars": dict(RAY_ENV), "worker_process_setup_hook": "qksweep.cluster.connect.export_ray_address"}
+    env = dict(RAY_ENV)
+    for k in ("QKSWEEP_TEST_KILL_AT", "QKSWEEP_TEST_KILL_MARKER"):  # tests' kill points (qksweep/kill_points.py)
+        if os.environ.get(k):
+            env[k] = os.environ[k]
+    return {"env_vars": env, "worker_process_setup_hook": "qksweep.cluster.connect.export_ray_address"}
 
 
 def export_ray_address() -> None:

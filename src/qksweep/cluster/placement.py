@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 log = logging.getLogger("qksweep")
 
@@ -42,7 +42,8 @@ class Group:
     @property
     def orphaned(self) -> bool:
         """Created by an actor that is dead: nothing can use it any more (the actors in it were that
-        actor's), yet Ray keeps it until the job ends too."""
+        actor's), yet Ray keeps it until the job ends too. ``creator_dead`` is the group's own flag,
+        which the GCS does not always set (see :func:`orphans`)."""
         return self.creator is not None and self.creator_dead and self.state != "REMOVED"
 
     def resources(self) -> dict[str, float]:
@@ -102,9 +103,28 @@ def remove(pg_ids) -> list[str]:
     return removed
 
 
+def actor_dead(actor_id: str) -> bool:
+    """Whether the GCS's actor table has this actor DEAD (or no longer has it at all)."""
+    from ray._private.state import state
+
+    info = state.actor_table(actor_id)
+    return not info or info.get("State") == "DEAD"
+
+
 def orphans(job: str) -> list[Group]:
-    """This job's placement groups whose creator actor is dead."""
-    return [g for g in groups() if g.job == job and g.orphaned]
+    """This job's placement groups whose creator actor is dead.
+
+    The group's own ``creator_actor_dead`` flag is not enough: in the main job's hang both leaked
+    groups still read ``creator_actor_dead: false`` while their TrainControllers were DEAD in the actor
+    table (one destroyed with the Tune trial's placement group that had captured it, one after its
+    owner, the trial driver, died). So the creator's state comes from the actor table too."""
+    out = []
+    for g in groups():
+        if g.job != job or g.creator is None or g.state == "REMOVED":
+            continue
+        if g.creator_dead or actor_dead(g.creator):
+            out.append(replace(g, creator_dead=True))
+    return out
 
 
 def _controllers_alive(job: str) -> int | None:
@@ -231,6 +251,11 @@ def make_watch(**kwargs):
             self._last_progress = time.monotonic()
             self._next_report = 0.0
             self._failing = False
+
+        def setup(self, *args, **kwargs):
+            """Each fit (a resumed sweep unpickles this callback from the sweep's first process)."""
+            self._job, self._orphaned_since, self._next_check, self._next_report = None, {}, 0.0, 0.0
+            self._last_progress = time.monotonic()
 
         def _progress(self, *args, **kwargs):
             self._last_progress = time.monotonic()

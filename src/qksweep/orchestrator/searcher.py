@@ -15,6 +15,8 @@ from ..search_spaces import ParamSpec, make_define_by_run
 
 log = logging.getLogger("qksweep.searcher")
 
+TUNE_TRIAL_ATTR = "tune_trial_id"  # user attribute of each Optuna trial: its Tune trial id
+
 
 def make_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
     s = cfg.sweep.searcher
@@ -65,6 +67,18 @@ class HonestOptunaSearch(OptunaSearch):
             except Exception:  # noqa: BLE001 - labels only
                 pass
 
+    def suggest(self, trial_id: str):
+        """Ray's suggest, plus the Tune trial id on the Optuna trial: `qksweep resume` fails the study's
+        trials whose Tune trial the restored sweep does not know (orchestrator/orphans.py)."""
+        out = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None:
+            ot_trial.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+            from ..kill_points import kill_point
+
+            kill_point("optuna_trial")
+        return out
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         epoch = result.get("epoch")
         if epoch is not None:
@@ -86,11 +100,15 @@ class HonestOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
+        ot_trial = self._ot_trials[trial_id]
+        if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+            # told before the driver was killed, and Tune's state saved before that: Optuna refuses a second tell
+            self._completed_trials.add(trial_id)
+            return
         if result and not error:
             self.on_trial_result(trial_id, result)  # Tune hands the result that stopped a trial only here
         epoch = int((result or {}).get("epoch", self._last_epoch.get(trial_id, 0)))
         stopped_early = not error and result is not None and epoch < self._max_epochs
-        ot_trial = self._ot_trials[trial_id]
         try:
             for key, value in zip(self._constraints, self.constraint_values(result or {})):
                 ot_trial.set_constraint(key, value)
@@ -113,12 +131,6 @@ class HonestOptunaSearch(OptunaSearch):
             v = result.get(key)
             out.append(bound.violation(float(v)) if isinstance(v, (int, float)) else 1.0)
         return out
-
-    def orphaned_running_trials(self) -> list[int]:
-        """Optuna trials asked for but unknown to Tune (the driver died in between)."""
-        known = {t.number for t in self._ot_trials.values()}
-        return [t.number for t in self._ot_study.get_trials(deepcopy=False)
-                if t.state == optuna.trial.TrialState.RUNNING and t.number not in known]
 
 
 # sweep name -> the Optuna database URL on this machine (set by `qksweep resume`, see SweepStudyStorage)

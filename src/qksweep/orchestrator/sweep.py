@@ -238,6 +238,9 @@ def resume_sweep(name_or_path: str, storage: str | None = None) -> SweepResult:
         c = runs.client(cfg.tracking.uri)
         runs.retrying(lambda: c.update_run(parent_run_id, status="RUNNING"), what="run reopen")
     relocate_study(name, files.optuna_url)  # the study Tune's pickled searcher opens is this machine's copy
+    from .orphans import close_orphans
+
+    close_orphans(cfg, name, files.tune_path, files.optuna_url)  # trials the killed driver had not recorded
     tuner = tune.Tuner.restore(files.tune_path, trainable=_trainable(cfg.to_dict(), name, parent_run_id),
                                resume_unfinished=True, resume_errored=True)
     print(f"resuming sweep {name} from {files.location}")
@@ -266,13 +269,17 @@ def _fit(tuner, cfg: Config, name: str, parent_run_id: str | None, files: SweepF
                            pending.close_record(cfg.tracking.uri, parent_run_id, "KILLED",
                                                 tags={"qksweep.stopped_by": "user"}, finalize=False), wait_s=5)
         raise
+    import optuna
+
+    from .orphans import fail_study_trials
+
+    study = optuna.load_study(study_name="qksweep", storage=files.optuna_url)
+    if fail_study_trials(study):  # the sweep is complete: no Tune trial will tell a trial still RUNNING
+        _final_upload(files)
     result = summarize(grid, cfg, name, parent_run_id, files.tune_path)
     if c:  # an MLflow server that is away leaves the parent's closing in the sweep folder's pending file
-        import optuna
-
         from ..tracking.sweep_callback import close_parent_run
 
-        study = optuna.load_study(study_name="qksweep", storage=files.optuna_url)
         tags = {"qksweep.best_run_id": result.best_run_id or "", "qksweep.best_trial_id": result.best_trial_id or ""}
         close_parent_run(cfg.tracking.uri, parent_run_id, str(files.local), name=name, study=study,
                          ok=result.best_trial_id is not None, tags=tags,

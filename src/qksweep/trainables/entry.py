@@ -14,6 +14,9 @@ from typing import Any
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
+    from ..kill_points import kill_point
     from .loop import train_loop as _train_loop
+
+    kill_point("train_run")
 
     _train_loop(loop_config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..kill_points import kill_point
 from ..search_spaces import apply_sample
 from ..storage import checkpoint_uri
 from ..tracking import pending, runs
@@ -45,6 +46,7 @@ def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, pa
                                f"started ({first_line(e)}); the trial did not train. `qksweep resume {sweep}` "
                                f"runs it again") from None
         pending.restarted(run_dir(cfg, name))
+        kill_point("mlflow_run")
     rejected = static_violation(cfg)
     if rejected:  # never started: no Train run, no worker; the run records why
         if c:
