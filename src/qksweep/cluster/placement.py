@@ -39,13 +39,6 @@ class Group:
     creator_dead: bool
     bundles: tuple[dict[str, float], ...] = field(default=())
 
-    @property
-    def orphaned(self) -> bool:
-        """Created by an actor that is dead: nothing can use it any more (the actors in it were that
-        actor's), yet Ray keeps it until the job ends too. ``creator_dead`` is the group's own flag,
-        which the GCS does not always set (see :func:`orphans`)."""
-        return self.creator is not None and self.creator_dead and self.state != "REMOVED"
-
     def resources(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for b in self.bundles:

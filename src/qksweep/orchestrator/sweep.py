@@ -341,6 +341,7 @@ def summarize(grid, cfg: Config, name: str, parent_run_id: str | None, storage_p
     metric, mode = cfg.sweep.metrics[0], cfg.sweep.modes[0]
     df = grid.get_dataframe()
     best_config = best_metrics = best_trial = best_run = None
+    picked: dict[str, Any] = {}
     try:
         # "all": the best epoch of any trial — the same rule as `qksweep best` and checkpoints/best
         best = grid.get_best_result(metric=metric, mode=mode, scope="all", filter_nan_and_inf=True)
@@ -365,10 +366,29 @@ def summarize(grid, cfg: Config, name: str, parent_run_id: str | None, storage_p
 
         best_config = apply_sample(cfg.to_dict(), best.config).to_dict()
         best_metrics = best_epoch_metrics(best, metric, mode)
+        if best_run and picked.get("best_epoch") is not None:
+            # MLflow's epochs, as `qksweep best` reads them: a trial ASHA stopped may log one more epoch
+            # after Tune's last result, and that epoch can be its best
+            best_metrics = mlflow_epoch_metrics(cfg.tracking.uri, best_run, int(picked["best_epoch"])) or best_metrics
         best_metrics["searched"] = dict(best.config)
     return SweepResult(name=name, best_config=best_config, best_metrics=best_metrics or {}, best_trial_id=best_trial,
                        best_run_id=best_run, parent_run_id=parent_run_id, trials=df, storage_path=storage_path,
                        num_errors=grid.num_errors)
+
+
+def mlflow_epoch_metrics(uri: str, run_id: str, step: int) -> dict[str, Any]:
+    """The reported metrics a run logged at epoch ``step`` (empty when MLflow cannot say)."""
+    try:
+        c = runs.client(uri)
+        out = {}
+        for key in REPORTED_METRICS:
+            hist = runs.retrying(lambda key=key: c.get_metric_history(run_id, key), what="metric history")
+            at = [m.value for m in hist if m.step == step]
+            if at:
+                out[key] = at[-1]
+        return out
+    except Exception:  # noqa: BLE001 - MLflow away: Tune's view of the epoch stands
+        return {}
 
 
 def best_epoch_metrics(result, metric: str, mode: str) -> dict[str, Any]:
