@@ -193,7 +193,7 @@ def stall_report(running_trials: list[str], idle_s: float, job: str) -> str | No
         mine = "this sweep" if g.job == job else f"job {g.job}"
         if g.creator is None:
             return f"{g.id[:8]} ({describe(g.resources())}; {mine}; made by its driver)"
-        who = classes.get(g.creator, ("an actor", "DEAD" if g.creator_dead else "ALIVE"))
+        who = classes.get(g.creator) or ("an actor", "DEAD" if g.creator_dead or actor_dead(g.creator) else "ALIVE")
         return f"{g.id[:8]} ({describe(g.resources())}; {mine}; made by {who[0]}, {who[1].lower()})"
 
     holding = [g for g in all_groups if g.state == "CREATED" and any(
