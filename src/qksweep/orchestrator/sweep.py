@@ -380,8 +380,9 @@ def mlflow_epoch_metrics(uri: str, run_id: str, step: int) -> dict[str, Any]:
     """The reported metrics a run logged at epoch ``step`` (empty when MLflow cannot say)."""
     try:
         c = runs.client(uri)
+        logged = runs.retrying(lambda: c.get_run(run_id), what="run lookup").data.metrics
         out = {}
-        for key in REPORTED_METRICS:
+        for key in (k for k in REPORTED_METRICS if k in logged):  # one history call per metric the run has
             hist = runs.retrying(lambda key=key: c.get_metric_history(run_id, key), what="metric history")
             at = [m.value for m in hist if m.step == step]
             if at:
