@@ -62,14 +62,17 @@ def _cpus_held() -> float:
 
 def _alive_actors() -> list[str]:
     """The actors still alive in the session's Ray, named by class, state and pid."""
-    from ray.util.state import list_actors
+    from ray.util.state import list_actors, list_jobs
 
     from qksweep.cluster.connect import state_api_address
 
     try:
         actors = list_actors(address=state_api_address(),
                              filters=[("state", "!=", "DEAD")], raise_on_missing_output=False)
-        return [f"{a.class_name} ({a.state}, pid {a.pid})" for a in actors]
+        dead_jobs = {j.job_id for j in list_jobs(address=state_api_address(), raise_on_missing_output=False)
+                     if j.status != "RUNNING"}
+        return [f"{a.class_name} ({a.state}, pid {a.pid}, job {a.job_id}{' (ended)' if a.job_id in dead_jobs else ''})"
+                for a in actors]
     except Exception as e:  # noqa: BLE001 - the state API is only used to name what is left
         return [f"(state API: {type(e).__name__})"]
 

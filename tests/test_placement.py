@@ -116,3 +116,86 @@ def test_train_run_dying_while_it_reserves_workers_does_not_hang_the_sweep(ray_s
     assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials), [t.info.status for t in trials]
     if when == "pending":  # a placed group may already be the cleaner's (the worker registered it first)
         assert f"released placement group {orphan.id[:8]}" in text, text[-3000:]
+
+
+def _cpu_free(ray, want: float, timeout: float = 30) -> float:
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0) < want and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return ray.available_resources().get("CPU", 0)
+
+
+def test_train_actor_left_by_a_driver_that_is_gone_is_killed_and_its_group_removed(ray_session, workdir):
+    """A sweep driver SIGKILLed on a cluster that outlives it: one CI run found its TrainController alive
+    minutes later, holding a worker group's CPU (Ray ties the actor to its owner, and missed it). Ray
+    cannot be made to miss it on demand, so a driver that exits leaves a TrainController made detached
+    (the one way an actor outlives its job) holding a 1-CPU group; the next sweep's reclaim frees both,
+    and leaves the session's own actors and groups alone."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from qksweep.cluster.placement import finished_jobs, reclaim_finished_jobs
+
+    mine = placement_group([{"CPU": 0.5}])  # this job's own: not touched
+    ray.get(mine.ready(), timeout=60)
+    script = (
+        "import ray, time\n"
+        "from ray.util.placement_group import placement_group\n"
+        "ray.init(address='auto')\n"
+        "@ray.remote(num_cpus=0)\n"
+        "class TrainController:\n"
+        "    def reserve(self):\n"
+        "        self.pg = placement_group([{'CPU': 1}])\n"
+        "        ray.get(self.pg.ready(), timeout=60)\n"
+        "        return self.pg.id.hex()\n"
+        "a = TrainController.options(lifetime='detached').remote()\n"
+        "print(ray.get(a.reserve.remote(), timeout=120))\n"
+    )
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    left = out.stdout.split()[-1]
+    time.sleep(2)
+    assert ray.available_resources().get("CPU", 0) == 0.5, "the gone driver's group should still hold its CPU"
+    killed, removed = reclaim_finished_jobs()
+    assert len(killed) == 1 and mine.id.hex() not in removed  # Ray may remove the group itself once its creator is dead
+    assert _cpu_free(ray, 1.5) == 1.5
+    from qksweep.cluster.placement import groups
+
+    assert [g.state for g in groups() if g.id == left] == ["REMOVED"]
+    assert not [a for a in _alive() if a.actor_id in killed]
+    assert reclaim_finished_jobs() == ([], []) and ray.get_runtime_context().get_job_id() not in finished_jobs()
+    remove_placement_group(mine)
+
+
+class TrainController:
+    """Stands for a Ray Train controller that outlived its trial (the GCS names an actor by its class)."""
+
+    def reserve(self):
+        import ray
+        from ray.util.placement_group import placement_group
+
+        self.pg = placement_group([{"CPU": 1}])
+        ray.get(self.pg.ready(), timeout=60)
+        return self.pg.id.hex()
+
+
+def test_sweep_end_kills_its_train_actors_still_alive_then_frees_their_groups(ray_session):
+    """At the end of a sweep every trial is over, so a Train controller of the sweep still alive after the
+    settle wait can only reserve a group nobody uses: it is killed before the groups go. Actors that
+    were alive before the sweep are left alone."""
+    import ray
+
+    from qksweep.cluster.placement import current_job, job_placement_groups, release_placement_groups, train_actors
+
+    Controller = ray.remote(num_cpus=0)(TrainController)
+    older = Controller.remote()
+    ray.get(older.__ray_ready__.remote(), timeout=60)
+    before, actors_before = job_placement_groups(), frozenset(train_actors(current_job()))
+    leftover = Controller.remote()
+    left = ray.get(leftover.reserve.remote(), timeout=120)
+    assert release_placement_groups(before, settle_s=2, actors_before=actors_before) == [left]
+    assert _cpu_free(ray, 2) == 2
+    alive = train_actors(current_job())
+    assert older._actor_id.hex() in alive and leftover._actor_id.hex() not in alive
+    ray.kill(older)

@@ -13,7 +13,8 @@ So the sweep driver watches (:class:`PlacementGroupWatch`, a Tune callback): eve
 removes every group of its own job whose creator actor is dead (such a group can serve nobody: the
 workers in it were owned by that actor), and if no trial has made progress for a while as trials wait
 for resources, it says which trials wait for what and which groups hold the cluster. At the end of the
-sweep :func:`release_placement_groups` waits for the job's controllers and removes what they left.
+sweep :func:`release_placement_groups` waits for the job's controllers and removes what they left, and
+before a sweep starts or resumes :func:`reclaim_finished_jobs` frees what drivers that are gone left.
 """
 
 from __future__ import annotations
@@ -120,36 +121,105 @@ def orphans(job: str) -> list[Group]:
     return out
 
 
-def _controllers_alive(job: str) -> int | None:
-    """How many Train controllers of ``job`` are not dead yet; None when the state API cannot say."""
+TRAIN_ACTORS = ("TrainController", "RayTrainWorker")
+
+
+def train_actors(job: str | None = None) -> dict[str, str]:
+    """Ray Train's controllers and workers that are not dead (actor id -> job id), of ``job`` or of every
+    job, from the GCS's own actor table (no dashboard needed)."""
+    from ray._private.state import state
+
+    return {a: info["JobID"] for a, info in state.actor_table(None).items()
+            if info.get("ActorClassName") in TRAIN_ACTORS and info.get("State") != "DEAD"
+            and (job is None or info.get("JobID") == job)}
+
+
+def alive_train_actors(job: str) -> frozenset[str] | None:
+    """The ids of ``job``'s Train actors not dead yet; None where the GCS table cannot be read (Ray Client)."""
     try:
-        from ray.util.state import list_actors
-
-        from .connect import state_api_address
-
-        actors = list_actors(address=state_api_address(),
-                             filters=[("job_id", "=", job), ("class_name", "=", "TrainController"),
-                                      ("state", "!=", "DEAD")], raise_on_missing_output=False, timeout=10)
-        return len(actors)
-    except Exception:  # noqa: BLE001 - no dashboard: fall back to a fixed wait
+        return frozenset(train_actors(job))
+    except Exception as e:  # noqa: BLE001 - the callers then fall back to a fixed wait
+        log.debug("actor table: %s", e)
         return None
 
 
-def release_placement_groups(before: set[str], settle_s: float = 20.0) -> list[str]:
-    """Remove the placement groups this job created since ``before`` was taken, once its Train
-    controllers are gone (at most ``settle_s`` seconds of waiting). Returns the ids removed."""
+def kill(actor_ids) -> list[str]:
+    """Kill these actors (hex ids) for good; returns those the GCS took. ``ray.kill`` wants a handle,
+    which an actor made by another process (a driver that is gone) does not give; the GCS's own
+    ``KillActorViaGcs`` (what a handle's kill ends in) takes the id."""
+    import ray
+    from ray._private.gcs_utils import create_gcs_channel
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    actor_ids = sorted(actor_ids)
+    if not actor_ids:
+        return []
+    stub = gcs_service_pb2_grpc.ActorInfoGcsServiceStub(create_gcs_channel(ray.get_runtime_context().gcs_address))
+    killed = []
+    for actor_id in actor_ids:
+        try:
+            reply = stub.KillActorViaGcs(gcs_service_pb2.KillActorViaGcsRequest(
+                actor_id=bytes.fromhex(actor_id), force_kill=True, no_restart=True), timeout=10)
+            if reply.status.code == 0:
+                killed.append(actor_id)
+            else:
+                log.debug("actor %s: %s", actor_id, reply.status.message)
+        except Exception as e:  # noqa: BLE001 - it died meanwhile, or the GCS is going away: nothing to free
+            log.debug("actor %s: %s", actor_id, e)
+    return killed
+
+
+def finished_jobs() -> set[str]:
+    """Ids (hex) of the jobs whose driver has exited."""
+    from ray._private.state import state
+
+    return {j["JobID"] for j in state.job_table() if j.get("IsDead")}
+
+
+def reclaim_finished_jobs() -> tuple[list[str], list[str]]:
+    """Free what the Train runs of drivers that are gone still hold: a sweep driver SIGKILLed on a
+    cluster that lives on (and, in the test suite, on the session's Ray) should take its Train
+    controllers and workers with it, as Ray ties an actor to its owner and a group to its job, but one
+    controller was seen alive minutes after its driver and trial were dead, holding a worker group's CPU
+    (CI of 2026-12-02). A Train actor of a finished job can serve nobody: it is killed, then the job's
+    groups that are not removed yet. Returns (actors killed, groups removed). Best effort: where the GCS
+    tables cannot be read (Ray Client), nothing is freed and the sweep goes on."""
+    try:
+        finished = finished_jobs()
+        if not finished:
+            return [], []
+        killed = kill(a for a, job in train_actors().items() if job in finished)
+        removed = remove(g.id for g in groups() if g.job in finished and g.state != "REMOVED")
+    except Exception as e:  # noqa: BLE001 - a sweep must not fail for what it could not tidy
+        log.warning("could not look for what stopped drivers left on the cluster: %s",
+                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return [], []
+    if killed or removed:
+        log.warning("freed what stopped drivers left on the cluster: %d Ray Train actor(s), %d placement group(s)",
+                    len(killed), len(removed))
+    return killed, removed
+
+
+def release_placement_groups(before: set[str], settle_s: float = 20.0,
+                             actors_before: frozenset[str] = frozenset()) -> list[str]:
+    """At the end of a sweep: wait for the Train controllers this job started since ``actors_before`` to end
+    (at most ``settle_s`` seconds), kill those still alive (every trial is over: they can only reserve
+    a worker group nobody will use), then remove the placement groups this job created since
+    ``before`` was taken. Returns the group ids removed."""
     import ray
 
     if not ray.is_initialized():
         return []
     job = current_job()
     deadline = time.monotonic() + settle_s
-    alive = _controllers_alive(job)
+    alive = alive_train_actors(job)
     if alive is None:
         time.sleep(min(3.0, settle_s))
-    while alive and time.monotonic() < deadline:
+    while alive and alive - actors_before and time.monotonic() < deadline:
         time.sleep(0.5)
-        alive = _controllers_alive(job)
+        alive = alive_train_actors(job)
+    if alive and (left := alive - actors_before) and kill(left):
+        log.warning("killed %d Ray Train actor(s) still alive after their trials ended", len(left))
     removed = remove(job_placement_groups() - before)
     if removed:
         log.info("released %d placement group(s) left by stopped Train runs", len(removed))
