@@ -151,7 +151,7 @@ class BareLoop:
 
         from qksweep.api import resolve
         from qksweep.data import build_data
-        from qksweep.trainables.loop import build_batches, build_criterion, build_model, seed_everything
+        from qksweep.trainables.core import build_batches, build_criterion, build_model, seed_everything
 
         cfg = resolve(cfg_dict)
         self.cfg = cfg
@@ -210,7 +210,7 @@ class BareLoop:
     def validate(self) -> dict[str, float]:
         from contextlib import nullcontext
 
-        from qksweep.trainables.loop import evaluate
+        from qksweep.trainables.core import evaluate
 
         return evaluate(self.model, self.val_batches, world=1, spiking=self.spiking, autocast=nullcontext,
                         num_classes=self.bundle.num_classes)

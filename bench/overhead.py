@@ -178,8 +178,8 @@ def mlflow_logging(cfg_dict: dict, tmp: Path, epochs: int) -> dict:
     from qksweep.tracking import runs
     from qksweep.tracking.callback import MLflowEpochLogger
     from qksweep.trainables.checkpoint import rng_state, save_checkpoint
-    from qksweep.trainables.launcher import run_params
-    from qksweep.trainables.loop import make_monitor
+    from qksweep.tracking.lifecycle import run_params
+    from qksweep.trainables.extras.spectral import make_monitor
 
     spectral = {**cfg_dict.get("spectral", {}), "enabled": True}
     cfg = resolve(with_overrides(cfg_dict, spectral=spectral))

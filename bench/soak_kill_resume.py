@@ -56,6 +56,19 @@ def check(tmp: Path, name: str, num_samples: int) -> dict:
             "running_runs": sum(r.info.status == "RUNNING" for r in rs), "study_states": states}
 
 
+def stacks() -> str:
+    """py-spy dumps of every Ray and qksweep Python on this machine (the soak's Ray is the only one)."""
+    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines()
+    spy = Path(sys.executable).with_name("py-spy")
+    out = []
+    for line in ps:
+        pid, _, args = line.strip().partition(" ")
+        if int(pid) != os.getpid() and ("ray::" in args or "qksweep" in args or "ray/_private" in args):
+            d = subprocess.run([str(spy), "dump", "--pid", pid], capture_output=True, text=True, timeout=60)
+            out.append(f"=== {pid} {args[:200]}\n{d.stdout or d.stderr}")
+    return "\n".join(out)
+
+
 def cycle(i: int, rng: random.Random, a) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f"qksweep-killsoak-{i}-"))
     name = f"ks{i}"
@@ -77,9 +90,20 @@ def cycle(i: int, rng: random.Random, a) -> dict:
     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, timeout=120)
     resumed = None
     if killed:
-        r = subprocess.run([sys.executable, "-m", "qksweep.cli", "resume", name, "--storage", str(tmp / "results")],
-                           cwd=tmp, capture_output=True, text=True, timeout=a.timeout, env=env)
-        resumed = r.returncode
+        with open(tmp / "resume.out", "w") as fo, open(tmp / "resume.err", "w") as fe:
+            r = subprocess.Popen([sys.executable, "-m", "qksweep.cli", "resume", name, "--storage", str(tmp / "results")],
+                                 cwd=tmp, stdout=fo, stderr=fe, text=True, env=env, start_new_session=True)
+            try:
+                resumed = r.wait(timeout=a.timeout)
+            except subprocess.TimeoutExpired:  # a hung resume is a failed cycle, not the end of the soak
+                (tmp / "stacks.txt").write_text(stacks())  # where every Python of the resume waits
+                os.killpg(r.pid, signal.SIGKILL)
+                r.wait(timeout=60)
+                resumed = "timeout"
+        out, err = (tmp / "resume.out").read_text(), (tmp / "resume.err").read_text()
+        if resumed == "timeout":
+            err += f"\nresume timed out after {a.timeout:.0f} s (stacks in stacks.txt)"
+        (tmp / "resume.log").write_text(out + "\n--- stderr ---\n" + err)
         subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, timeout=120)
     try:
         row = {"cycle": i, "kill_at_s": round(kill_at, 1), "killed": killed, "resume_rc": resumed,
@@ -88,7 +112,12 @@ def cycle(i: int, rng: random.Random, a) -> dict:
         row = {"cycle": i, "kill_at_s": round(kill_at, 1), "killed": killed, "resume_rc": resumed, "ok": False,
                "error": str(e).splitlines()[0] if str(e) else type(e).__name__}
     row["ok"] = row["ok"] and resumed in (None, 0)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if row["ok"]:
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:  # the evidence stays: the sweep's and the resume's output, the stores
+        row["kept"] = str(tmp)
+        if resumed:
+            row["resume_error"] = [ln for ln in err.splitlines() if ln.strip()][-3:]
     return row
 
 
@@ -100,11 +129,13 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--kill-min", type=float, default=15.0, help="earliest kill, seconds after the sweep starts")
     ap.add_argument("--kill-max", type=float, default=120.0)
-    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds a resume may take")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds a resume may take before its stacks are dumped and it is killed (1800; 400 with --quick)")
     ap.add_argument("--quick", action="store_true", help="3 trials of 2 epochs at 8x8 px, kills within 10-60 s")
     a = ap.parse_args()
     if a.quick:
         a.num_samples, a.epochs, a.kill_min, a.kill_max = 3, 2, 10.0, 60.0
+    a.timeout = a.timeout or (400.0 if a.quick else 1800.0)
     if a.cycles < 1 or a.num_samples < 1 or a.epochs < 1 or not 0 <= a.kill_min <= a.kill_max:
         print("soak_kill_resume: need --cycles, --num-samples, --epochs >= 1 and 0 <= --kill-min <= --kill-max",
               file=sys.stderr)

@@ -55,7 +55,7 @@ def spectral_defaults() -> dict:
 
 
 def build(kind: str, smoke: bool) -> tuple[BareLoop, object, dict]:
-    from qksweep.trainables.loop import make_monitor
+    from qksweep.trainables.extras.spectral import make_monitor
 
     base = load_yaml(MODELS[kind])
     base.pop("sweep", None)

@@ -38,7 +38,7 @@ def run_loop(cfg: dict, store: Path, resume: Path | None = None) -> list[tuple[d
     rec = Recorder(store, resume)
     set_train_fn_utils(rec)
     try:
-        train_loop({"config": build_config(cfg).to_dict(), "run_id": None, "tracking_uri": None})
+        train_loop({"config": build_config(cfg).to_dict(), "tracking_uri": None})
     finally:
         set_train_fn_utils(None)
     return rec.reports

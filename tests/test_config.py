@@ -32,8 +32,8 @@ def test_keyword_overrides_and_dict_source():
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_validate(name):
-    from qksweep.config import check_config
-    from qksweep.orchestrator.sweep import check_sweep
+    from qksweep.checks import check_config
+    from qksweep.checks import check_sweep
 
     raw = yaml.safe_load((ROOT / "configs" / name).read_text())
     stand_in = {"cifar10": ["data.download=true"], "cifar100": ["data.download=true"],  # nothing is downloaded by a check

@@ -228,3 +228,30 @@ def test_a_server_that_hangs_holds_an_epoch_only_seconds(tmp_path):
     print(f"hung server: gave up after {took:.1f}s ({err})")
     assert left == recs and err is not None
     assert took < 10  # 2 s budget; MLflow's own default would wait 120 s a request, 7 times
+
+
+def test_published_artifacts_wait_in_the_pending_file_and_leave_the_checkpoint_uploads_clean(tmp_path):
+    """What rank 0 publishes inside its last checkpoint (``_publish/``) is an ``artifacts`` record: kept
+    while MLflow is away, uploaded when it is back; the checkpoint itself is uploaded without it."""
+    from qksweep.names import PUBLISH_DIR
+    from qksweep.tracking import runs
+
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    c = runs.client(store)
+    run_id, _ = runs.get_or_create_run(c, runs.experiment_id(c, "pub"), {runs.KIND: "train", runs.RUN_NAME: "p"},
+                                       run_name="p")
+    ckpt = tmp_path / "checkpoint_000001"
+    (ckpt / PUBLISH_DIR / "spectral").mkdir(parents=True)
+    (ckpt / "checkpoint.pt").write_bytes(b"weights")
+    (ckpt / PUBLISH_DIR / "spectral" / "sigma_max.png").write_bytes(b"png")
+    away = f"http://127.0.0.1:{free_port()}"
+    rec = {"type": "artifacts", "uri": away, "run_id": run_id, "checkpoint": str(ckpt),
+           "folder": f"{PUBLISH_DIR}/spectral", "artifact_path": "spectral"}
+    path = pending.keep(str(tmp_path / "run"), [rec])
+    res = pending.flush_file(path, 2)
+    assert res.sent == 0 and len(res.left) == 1 and "artifacts spectral/" in pending.summarize(res.left)
+    pending.write_records(path, [{**r, "uri": store} for r in res.left])
+    assert pending.flush_file(path, 10).sent == 1 and not Path(path).exists()
+    assert [a.path for a in c.list_artifacts(run_id, "spectral")] == ["spectral/sigma_max.png"]
+    runs.log_checkpoint_dir(c, run_id, ckpt, "checkpoints/last")
+    assert [a.path for a in c.list_artifacts(run_id, "checkpoints/last")] == ["checkpoints/last/checkpoint.pt"]

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from qksweep import api
 from qksweep.config import load_config
 from qksweep.tracking import runs
-from qksweep.trainables.launcher import run_params
+from qksweep.tracking.lifecycle import run_params
 
 from .conftest import tiny_config
 

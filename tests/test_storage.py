@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from qksweep import api
-from qksweep.config import ConfigError, check_config, load_config
+from qksweep.checks import check_config
+from qksweep.config import ConfigError, load_config
 from qksweep.storage import STATE_FILE, SweepFiles, check_uri, checkpoint_uri, filesystem, join, probe
 
 from .conftest import run_cli, tiny_config

@@ -99,7 +99,8 @@ def test_four_trial_sweep_parent_children_asha_and_continue(ray_session, workdir
     assert len(rows) == 4 and all("optim.lr" in r and "model.head_dim" in r for r in rows)
     out = run_cli("best", "four", "--tracking-uri", uri, "--export", str(workdir / "exported"), cwd=workdir, timeout=120)
     assert out.returncode == 0, out.stderr
-    from qksweep.config import check_config, load_config
+    from qksweep.checks import check_config
+    from qksweep.config import load_config
     from qksweep.trainables.checkpoint import load_checkpoint
 
     check_config(load_config(workdir / "exported" / "config.yaml"))  # `qksweep train` accepts it

@@ -45,6 +45,10 @@ def test_two_workers_log_one_run_with_epochs_and_checkpoint(ray_session, workdir
     assert {"config.yaml", "checkpoints", "plots"} <= arts
     best = {a.path for a in c.list_artifacts(res.run_id, "checkpoints/best")}
     assert "checkpoints/best/checkpoint.pt" in best
+    # rank 0 publishes its spectral plots inside the last checkpoint; the controller's logger uploads them
+    assert "spectral" in arts and c.list_artifacts(res.run_id, "spectral")
+    last = {a.path for a in c.list_artifacts(res.run_id, "checkpoints/last")}
+    assert "checkpoints/last/checkpoint.pt" in last and not [p for p in best | last if "_publish" in p]
     state, conf = load_checkpoint(res.checkpoint_path)
     assert state["epoch"] == 2 and conf["model"]["embed_dim"] == 32
 
@@ -54,6 +58,25 @@ def test_same_seed_same_validation_metrics(ray_session, workdir):
     b = api.train(tiny_config(workdir / "b"))
     for k in ("val/loss", "val/top1", "train/loss"):
         assert a.metrics[k] == b.metrics[k], k
+
+
+def test_train_from_python_leaves_no_controller_and_keeps_the_callers_ctrl_c(ray_session, workdir):
+    """Train V2 leaves its SIGINT handler (holding the controller) installed after fit on the main thread:
+    a notebook kept one TrainController process per session and its Ctrl-C went to a finished run."""
+    from ray._private.state import state
+
+    def mine():
+        job = ray_session.get_runtime_context().get_job_id()
+        return [a for a in state.actor_table(None).values()
+                if a["State"] != "DEAD" and a["ActorClassName"] == "TrainController" and a["JobID"] == job]
+
+    before = signal.getsignal(signal.SIGINT)
+    api.train(tiny_config(workdir, optim={"epochs": 1}))
+    assert signal.getsignal(signal.SIGINT) is before
+    deadline = time.monotonic() + 30
+    while mine() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not mine(), "the run's TrainController outlived it"
 
 
 def _kill_worker_when(uri: str, epoch_reached: int, done: dict) -> None:

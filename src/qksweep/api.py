@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import Config, check_config, load_config
-from .trainables.launcher import TrainResult, run_training
+from .checks import check_config
+from .config import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, Config, load_config
+from .trainables.train import TrainResult, run_training
 
 
 def resolve(config: "str | Path | dict[str, Any] | Config", overrides: list[str] | None = None, **kw: Any) -> Config:
@@ -74,7 +75,7 @@ def flush_mlflow(*targets: str, storage: str | None = None, wait_s: float = 30, 
     are removed."""
     from .tracking import pending
 
-    found = [p for t in (targets or (storage or "./qksweep_results",)) for p in pending.find_files(t, storage)]
+    found = [p for t in (targets or (storage or DEFAULT_STORAGE,)) for p in pending.find_files(t, storage)]
     results = [pending.flush_file(p, wait_s) for p in dict.fromkeys(found)]
     if not quiet:
         for r in results:
@@ -99,8 +100,8 @@ def continue_trial(run_id: str, *, epochs: int | None = None, overrides: list[st
     from .trainables.checkpoint import load_checkpoint
     from .tracking.runs import mask_secrets
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    from .config import check_tracking_uri
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    from .checks import check_tracking_uri
 
     check_tracking_uri(uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
@@ -147,5 +148,5 @@ def results(sweep_name: str, *, tracking_uri: str | None = None, experiment: str
 
     from .orchestrator.results import sweep_results
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     return sweep_results(uri, sweep_name, experiment=experiment, **kw)

@@ -9,7 +9,6 @@ import argparse
 import os
 import sys
 import traceback
-from typing import Callable
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help
         return int(e.code or 0)
     except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
-        from .trainables.launcher import JobFailed
+        from .trainables.train import JobFailed
 
         if debug:
             traceback.print_exc()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-DEFAULT_URI = "sqlite:///mlflow.db"
+from .config import DEFAULT_STORAGE, DEFAULT_TRACKING_URI as DEFAULT_URI
 
 
 def _uri(args) -> str:
@@ -113,7 +113,7 @@ def register(sub) -> None:
     f = sub.add_parser("flush", help="send to MLflow what runs kept in their pending file while the server was away")
     f.add_argument("targets", nargs="*", help="pending files, run or sweep folders, or sweep names (default: all "
                                               "under --storage)")
-    f.add_argument("--storage", default=None, help="run.storage the sweeps live in (default ./qksweep_results)")
+    f.add_argument("--storage", default=None, help=f"run.storage the sweeps live in (default {DEFAULT_STORAGE})")
     f.add_argument("--wait", type=float, default=30, help="seconds to wait for the server per file (default 30)")
     f.set_defaults(func=cmd_flush)
 

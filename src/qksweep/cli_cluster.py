@@ -19,7 +19,7 @@ def _one_line_errors(fn):
     def run(args) -> int:
         from .config import ConfigError
         from .tracking.runs import mask_secrets
-        from .trainables.launcher import JobFailed
+        from .trainables.train import JobFailed
 
         try:
             return fn(args)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-DEFAULT_URI = "sqlite:///mlflow.db"
+from .config import DEFAULT_TRACKING_URI as DEFAULT_URI
 
 
 def _source_args(p, *, overrides: bool = True) -> None:

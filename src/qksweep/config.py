@@ -23,7 +23,6 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-PositiveInt = Field(gt=0)
 
 
 class ModelConfig(_Section):
@@ -56,7 +55,7 @@ class DataConfig(_Section):
     img_size: int = Field(default=32, gt=0)
     batch_size: int = Field(default=64, gt=0)
     eval_batch_size: int | None = Field(default=None, gt=0)
-    num_workers: int = Field(default=0, ge=0)
+    num_workers: int | Literal["auto"] = "auto"
     download: bool = False
     aa: str | None = None
     reprob: float = Field(default=0.0, ge=0, le=1)
@@ -68,6 +67,13 @@ class DataConfig(_Section):
     num_classes: int | None = Field(default=None, gt=1)
     train_size: int | None = Field(default=None, gt=0)
     val_size: int | None = Field(default=None, gt=0)
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _auto_or_count(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError(f"data.num_workers must be 'auto' or a whole number >= 0 (got {v!r})")
 
 
 class OptimConfig(_Section):
@@ -101,19 +107,36 @@ class OptimConfig(_Section):
         return self
 
 
+# The defaults every command shares (the CLI, the API and the tools import them from here).
+DEFAULT_STORAGE = "./qksweep_results"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 class RunConfig(_Section):
     workers: int = Field(default=1, gt=0)
     gpus_per_worker: float = Field(default=0, ge=0)
     cpus_per_worker: float = Field(default=1, gt=0)
     seed: int = 42
     max_failures: int = Field(default=2, ge=-1)
-    storage: str = "./qksweep_results"
+    storage: str = DEFAULT_STORAGE
     name: str | None = None
     keep_checkpoints: int = Field(default=2, gt=0)
+    compile: bool | Literal[COMPILE_MODES] = False
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_mode(cls, v: Any) -> Any:
+        if isinstance(v, bool) or v in COMPILE_MODES:
+            return v
+        raise ValueError(f"run.compile must be false, true or a torch.compile mode ({', '.join(COMPILE_MODES)}); "
+                         f"got {v!r}")
 
 
 class TrackingConfig(_Section):
-    uri: str = "sqlite:///mlflow.db"
+    uri: str = DEFAULT_TRACKING_URI
     enabled: bool = True
 
 
@@ -310,6 +333,13 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def loader_workers(self, in_memory: bool) -> int:
+        """``data.num_workers`` as a count. ``auto``: one loader process per CPU the worker holds beyond
+        the one that trains (``run.cpus_per_worker - 1``), and none for in-memory data (nothing to decode)."""
+        if self.data.num_workers != "auto":
+            return self.data.num_workers
+        return 0 if in_memory else max(0, int(self.run.cpus_per_worker) - 1)
+
 
 # ---------------------------------------------------------------- keys and close matches
 
@@ -336,7 +366,7 @@ def suggest(word: str, choices: list[str]) -> str:
 
 def _format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int) or True)
+    loc = ".".join(str(p) for p in first["loc"])
     kind = first["type"]
     if kind == "extra_forbidden":
         return f"config: unknown key '{loc}'{suggest(loc, KNOWN_KEYS)}"
@@ -470,18 +500,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def get_dotted(cfg: Config, key: str) -> Any:
-    node: Any = cfg
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
-
-
-# ---------------------------------------------------------------- checks that need the registries
-
-TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "file")
-
-
 def known_num_classes(data: DataConfig) -> int | None:
     """Class count where it is known without loading the data (enough for shape checks)."""
     fixed = {"digits": 10, "cifar10": 10, "cifar100": 100}
@@ -494,73 +512,4 @@ def known_num_classes(data: DataConfig) -> int | None:
     return None
 
 
-def check_tracking_uri(uri: str) -> None:
-    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
-    if scheme not in TRACKING_SCHEMES:
-        raise ConfigError(
-            f"tracking.uri '{uri.split('@')[-1]}' has an unsupported scheme: use sqlite:///mlflow.db, "
-            "http://HOST:PORT (an mlflow server) or a database URI such as postgresql://..."
-        )
-    if scheme == "file":
-        raise ConfigError("tracking.uri: MLflow 3 refuses the plain file store; use sqlite:///mlflow.db or an mlflow server")
-
-
-def check_config(cfg: Config) -> Config:
-    """Everything that can be checked before Ray or MLflow is touched: model shapes, data folders,
-    optimizer and scheduler names, the tracking URI."""
-    from timm.optim import list_optimizers
-
-    from .data import DataError, check_data
-    from .models import ModelArgError, check_model_args
-
-    check_tracking_uri(cfg.tracking.uri)
-    from .storage import check_uri
-
-    check_uri(cfg.run.storage)  # s3:// or gs:// (static here: the bucket is probed when a run starts)
-    try:
-        check_data(cfg.data)
-    except DataError as e:
-        raise ConfigError(f"config: {e}") from None
-    try:
-        check_model_args(cfg.model.name, num_classes=known_num_classes(cfg.data) or 10, in_chans=3,
-                         img_size=cfg.data.img_size, **cfg.model.overrides())
-    except ModelArgError as e:
-        raise ConfigError(f"config: {e}") from None
-    opts = list_optimizers()
-    if cfg.optim.name.lower() not in opts:
-        raise ConfigError(f"config: optim.name '{cfg.optim.name}' is not a timm optimizer{suggest(cfg.optim.name, opts)}")
-    if cfg.optim.sched not in SCHEDULERS:
-        raise ConfigError(f"config: optim.sched '{cfg.optim.sched}' is not one of {', '.join(SCHEDULERS)}{suggest(cfg.optim.sched, list(SCHEDULERS))}")
-    if cfg.optim.layer_decay is not None and not cfg.model.name.startswith("vit_"):
-        raise ConfigError("config: optim.layer_decay needs a model with layer groups (timm ViTs); remove it for SNNs")
-    if (cfg.optim.mixup > 0 or cfg.optim.cutmix > 0) and cfg.data.batch_size % 2:
-        raise ConfigError(f"config: data.batch_size={cfg.data.batch_size} must be even when mixup/cutmix is on")
-    if cfg.sweep.stop_on.spec_sigma_max_growth and not cfg.spectral.enabled:
-        raise ConfigError("config: sweep.stop_on.spec_sigma_max_growth needs spectral.enabled: true")
-    if cfg.run.gpus_per_worker > 0:
-        check_gpus_available(cfg)
-    if cfg.distill.enabled:
-        from .distill import check_distill
-
-        check_distill(cfg.distill, cfg.data, cfg.tracking.uri)
-    return cfg
-
-
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "none")
-
-
-def check_gpus_available(cfg: Config) -> None:
-    """GPUs asked for where none exist (locally, with no RAY_ADDRESS) are refused before Ray starts."""
-    import os
-
-    if os.environ.get("RAY_ADDRESS"):
-        return
-    import torch
-
-    have = torch.cuda.device_count()
-    need = cfg.run.gpus_per_worker * cfg.run.workers
-    if have < need:
-        raise ConfigError(
-            f"config: run.gpus_per_worker={cfg.run.gpus_per_worker} × run.workers={cfg.run.workers} needs {need:g} GPUs "
-            f"but this machine has {have}: set run.gpus_per_worker=0 or submit to a cluster with GPUs"
-        )

@@ -5,7 +5,8 @@ point NAME for the K-th time in the sweep (counted in ``<marker>.seen``; one tri
 ``NAME PID`` to ``QKSWEEP_TEST_KILL_MARKER`` and then waits, so that nothing after that point happens
 before the test SIGKILLs the sweep. The points, in the order a trial's pieces come into
 being (DEVELOPERS.md, "A trial's pieces"): ``optuna_trial`` (the sweep driver asked Optuna for the trial),
-``mlflow_run`` (the trial's driver made its MLflow run), ``train_run`` (its Train worker started).
+``mlflow_run`` (the trial's driver made its MLflow run), ``train_run`` (its Train worker started),
+``train_done`` (its Train run has trained every epoch; the driver has not closed the MLflow run yet).
 """
 
 from __future__ import annotations

@@ -284,3 +284,13 @@ class SweepFiles:
         except OSError:
             return []
 
+
+def storage_root(cfg) -> str:
+    """``run.storage`` as Ray wants it: an absolute path, or a URI (``s3://``, ``gs://``) as it is."""
+    s = cfg.run.storage
+    return s if is_uri(s) else local_path(s)
+
+
+def run_dir(cfg, run_name: str) -> str:
+    """A Train run's folder (its checkpoints, and MLflow's pending file when the server is away)."""
+    return join(storage_root(cfg), run_name)  # a URI keeps its ?endpoint_override=... after the path

@@ -33,7 +33,7 @@ import yaml
 
 from ..config import Config, ConfigError, load_config
 from ..tracking.runs import mask_secrets
-from ..trainables.launcher import JobFailed
+from ..trainables.train import JobFailed
 from .checks import check_for_cluster, normalize_address, security_warnings
 from .connect import RAY_ENV
 
@@ -200,7 +200,7 @@ def _check_sweep_offline(cfg: Config, remote: bool, address: str) -> None:
     the same image size and class count, and the cluster checks the real data when the job starts.
     """
     from ..config import known_num_classes
-    from ..orchestrator.sweep import check_sweep
+    from ..checks import check_sweep
 
     probe_cfg = cfg.model_copy(deep=True)
     if remote and probe_cfg.data.name not in ("digits", "synthetic"):
@@ -231,7 +231,7 @@ def build_submission(config: str | Path, overrides: list[str] | None, address: s
     The job's ``working_dir`` is a fresh temporary folder holding the resolved config; with
     ``working_dir`` given, that project folder is copied in too, minus :data:`DEFAULT_EXCLUDES`.
     """
-    from ..config import check_tracking_uri
+    from ..checks import check_tracking_uri
     from ..orchestrator.sweep import default_sweep_name
 
     a = resolve_address(address)

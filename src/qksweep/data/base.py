@@ -1,5 +1,6 @@
 """Shared pieces of the data package: the bundle, the error type, the options
-read from a config object, the dataset registry and small index helpers.
+read from a config object (the config schema's ``DataConfig``), the dataset
+registry and small index helpers.
 
 Nothing in here touches the disk or imports torchvision/timm, so it is cheap to
 import from the CLI and from `check_data`.
@@ -12,14 +13,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ConfigDict, Field, ValidationError, field_validator
+
+from ..config import DataConfig
 
 # Splits and subsets never depend on the trial seed: every trial of a sweep must
 # see exactly the same train/val data, or the sweep compares noise.  Override
 # with an optional `split_seed` attribute on the data config.
 DEFAULT_SPLIT_SEED = 0
 
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-REMODES = ("pixel", "const", "rand")
 
 
 class DataError(ValueError):
@@ -43,111 +45,60 @@ class DataBundle:
     in_memory: bool
 
 
-@dataclass(frozen=True)
-class DataOptions:
-    """The data config attributes this package reads, with defaults filled in.
+class DataOptions(DataConfig):
+    """The config schema's ``DataConfig`` (the one copy of the data keys' types and ranges), read the
+    way this package needs it: names lower-cased, ``aa: none`` and ``color_jitter: 0`` as off, and two
+    extras that are not config keys (``split_seed``, ``crop_padding``).
 
-    Built by :func:`options` from any object (or mapping) with the project's
-    `DataConfig` attributes; missing attributes take the defaults below.
-    """
+    Built by :func:`options` from a ``DataConfig``, any object with its attributes, or a mapping;
+    missing attributes take the schema's defaults."""
 
-    name: str = "digits"
-    root: str | None = None
-    img_size: int = 32
-    download: bool = False
-    aa: str | None = None
-    reprob: float = 0.0
-    remode: str = "pixel"
-    hflip: float = 0.5
-    color_jitter: float | None = None
-    val_fraction: float = 0.2
-    num_classes: int | None = None
-    train_size: int | None = None
-    val_size: int | None = None
-    interpolation: str = "bilinear"
-    # Optional extras (not required on DataConfig):
-    split_seed: int = DEFAULT_SPLIT_SEED  # seed of digits split / synthetic data / subsets
-    crop_padding: int = 0  # CIFAR small-image policy: RandomCrop(img_size, padding) when > 0
+    model_config = ConfigDict(extra="ignore", frozen=True, validate_assignment=False)
 
+    split_seed: int = Field(default=DEFAULT_SPLIT_SEED, ge=0)  # seed of digits split / synthetic data / subsets
+    crop_padding: int = Field(default=0, ge=0)  # CIFAR small-image policy: RandomCrop(img_size, padding) when > 0
 
-_FIELDS = tuple(DataOptions.__dataclass_fields__)
+    @field_validator("name", "remode", "interpolation", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return str(v).strip().lower() if v is not None else v
 
+    @field_validator("aa", mode="before")
+    @classmethod
+    def _aa_off(cls, v: Any) -> Any:
+        return None if v is None or str(v).strip().lower() in ("", "none", "null", "false") else str(v).strip()
 
-def _get(cfg: Any, key: str, default: Any) -> Any:
-    if isinstance(cfg, Mapping):
-        value = cfg.get(key, default)
-    else:
-        value = getattr(cfg, key, default)
-    return default if value is None and default is not None and key not in _NULLABLE else value
+    @field_validator("root", mode="before")
+    @classmethod
+    def _root(cls, v: Any) -> Any:
+        return None if v in (None, "") else str(v)
+
+    @field_validator("color_jitter")
+    @classmethod
+    def _jitter_off(cls, v: float | None) -> float | None:
+        return v or None
 
 
-_NULLABLE = {"root", "aa", "color_jitter", "num_classes", "train_size", "val_size"}
-
-
-def _as_int(key: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise DataError(f"data.{key} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise DataError(f"data.{key} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _as_float(key: str, value: Any, lo: float, hi: float) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise DataError(f"data.{key} must be a number in [{lo}, {hi}], got {value!r}") from None
-    if not lo <= out <= hi:
-        raise DataError(f"data.{key} must be in [{lo}, {hi}], got {out}")
-    return out
+_NULLABLE = {k for k, f in DataOptions.model_fields.items() if f.default is None}
 
 
 def options(cfg: Any) -> DataOptions:
-    """Read and validate the generic data options of `cfg` (pure, no disk access)."""
+    """Read and validate the data options of `cfg` (pure, no disk access). A None where the schema
+    has a default takes the default."""
     if isinstance(cfg, DataOptions):
         return cfg
-    d = DataOptions()
-    raw = {k: _get(cfg, k, getattr(d, k)) for k in _FIELDS}
-
-    name = str(raw["name"]).strip().lower()
-    aa = raw["aa"]
-    aa = None if aa is None or str(aa).strip().lower() in ("", "none", "null", "false") else str(aa).strip()
-    cj = raw["color_jitter"]
-    cj = None if cj is None else (_as_float("color_jitter", cj, 0.0, 10.0) or None)
-    remode = str(raw["remode"]).strip().lower()
-    if remode not in REMODES:
-        raise DataError(f"data.remode must be one of {', '.join(REMODES)}, got {raw['remode']!r}")
-    interp = str(raw["interpolation"]).strip().lower()
-    if interp not in INTERPOLATIONS:
-        raise DataError(f"data.interpolation must be one of {', '.join(INTERPOLATIONS)}, got {raw['interpolation']!r}")
-    val_fraction = _as_float("val_fraction", raw["val_fraction"], 0.0, 1.0)
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"data.val_fraction must be strictly between 0 and 1, got {val_fraction}")
-
-    def opt_int(key: str, minimum: int) -> int | None:
-        return None if raw[key] is None else _as_int(key, raw[key], minimum=minimum)
-
-    return DataOptions(
-        name=name,
-        root=None if raw["root"] in (None, "") else str(raw["root"]),
-        img_size=_as_int("img_size", raw["img_size"], minimum=1),
-        download=bool(raw["download"]),
-        aa=aa,
-        reprob=_as_float("reprob", raw["reprob"], 0.0, 1.0),
-        remode=remode,
-        hflip=_as_float("hflip", raw["hflip"], 0.0, 1.0),
-        color_jitter=cj,
-        val_fraction=val_fraction,
-        num_classes=opt_int("num_classes", 2),
-        train_size=opt_int("train_size", 1),
-        val_size=opt_int("val_size", 1),
-        interpolation=interp,
-        split_seed=_as_int("split_seed", raw["split_seed"], minimum=0),
-        crop_padding=_as_int("crop_padding", raw["crop_padding"], minimum=0),
-    )
+    if isinstance(cfg, Mapping):
+        raw = {k: cfg[k] for k in DataOptions.model_fields if k in cfg}
+    else:
+        raw = {k: getattr(cfg, k) for k in DataOptions.model_fields if hasattr(cfg, k)}
+    raw = {k: v for k, v in raw.items() if v is not None or k in _NULLABLE}
+    try:
+        return DataOptions.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        got = f"={first['input']!r}" if key in raw else ""
+        raise DataError(f"data.{key}{got}: {first['msg'].lower()}") from None
 
 
 # --------------------------------------------------------------------------- registry

@@ -24,6 +24,9 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol
 
 import torch.nn as nn
+from pydantic import ValidationError
+
+from ..config import ModelConfig
 
 __all__ = [
     "OVERRIDE_KEYS",
@@ -37,19 +40,9 @@ __all__ = [
     "check_model_args",
 ]
 
-#: Every override key the config's ``model.*`` section may use.
-OVERRIDE_KEYS: tuple[str, ...] = (
-    "embed_dim",
-    "num_heads",
-    "depth",
-    "patch_size",
-    "mlp_ratio",
-    "drop_path",
-    "drop_rate",
-    "time_steps",
-    "qka_type",
-    "pretrained",
-)
+#: Every override key the config's ``model.*`` section may use: the fields of the config schema's
+#: ``ModelConfig`` (the one copy of their types and ranges), less the model's name.
+OVERRIDE_KEYS: tuple[str, ...] = tuple(k for k in ModelConfig.model_fields if k != "name")
 
 
 class ModelArgError(ValueError):
@@ -182,30 +175,13 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-_INT_KEYS = ("embed_dim", "num_heads", "depth", "patch_size", "time_steps")
-
-
-def _check_types(name: str, key: str, value: Any) -> None:
-    where = f"model.{key}={value!r}"
-    if key in _INT_KEYS:
-        if not _is_int(value) or value < 1:
-            raise ModelArgError(f"{where} must be a positive integer (model {name})")
-    elif key == "mlp_ratio":
-        if not _is_real(value) or not value > 0:
-            raise ModelArgError(f"{where} must be a positive number (model {name})")
-    elif key in ("drop_path", "drop_rate"):
-        if not _is_real(value) or not 0.0 <= value < 1.0:
-            raise ModelArgError(f"{where} must be a number in [0, 1) (model {name})")
-    elif key == "qka_type":
-        if value not in ("token", "channel"):
-            raise ModelArgError(f"{where} must be 'token' or 'channel' (model {name})")
-    elif key == "pretrained":
-        if not isinstance(value, bool):
-            raise ModelArgError(f"{where} must be true or false (model {name})")
+def _check_type(name: str, key: str, value: Any) -> Any:
+    """One override read by the config schema's ``ModelConfig`` (so a direct ``create_model`` call and a
+    config file are held to the same types and ranges); returns the value as the schema reads it."""
+    try:
+        return getattr(ModelConfig.model_validate({key: value}), key)
+    except ValidationError as e:
+        raise ModelArgError(f"model.{key}={value!r}: {e.errors()[0]['msg'].lower()} (model {name})") from None
 
 
 def _resolve(
@@ -231,7 +207,7 @@ def _resolve(
             raise ModelArgError(
                 f"unknown override 'model.{key}' for {name}{hint} (known: {', '.join(OVERRIDE_KEYS)})"
             )
-        _check_types(name, key, value)
+        value = _check_type(name, key, value)
         if key not in supported:
             if key == "pretrained" and value is False:
                 continue  # 'no pretrained weights' is what every model does anyway

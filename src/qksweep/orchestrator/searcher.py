@@ -10,7 +10,7 @@ from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, HyperBandSchedule
                                  TrialScheduler)
 from ray.tune.search.optuna import OptunaSearch
 
-from ..config import Config, ConfigError
+from ..config import Config
 from ..search_spaces import ParamSpec, make_define_by_run
 
 log = logging.getLogger("qksweep.searcher")
@@ -19,8 +19,8 @@ TUNE_TRIAL_ATTR = "tune_trial_id"  # user attribute of each Optuna trial: its Tu
 
 
 def make_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler of a config that passed :func:`qksweep.checks.check_sweep`."""
     s = cfg.sweep.searcher
-    multi = len(cfg.sweep.metrics) > 1
     # constraints reach TPE/NSGA-II through Trial.set_constraint (Optuna 5), see HonestOptunaSearch
     if s.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True)
@@ -28,8 +28,6 @@ def make_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=s.seed)
-    if multi:
-        raise ConfigError(f"sweep.searcher.sampler '{s.sampler}' is single-objective; use tpe or nsga2 with several metrics")
     if s.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=s.seed, warn_independent_sampling=False)
     if s.sampler == "gp":
@@ -155,11 +153,9 @@ def relocate_study(sweep: str, url: str) -> None:
     _RELOCATED[sweep] = url
 
 
-def make_searcher(cfg: Config, specs: list[ParamSpec], storage: "str | optuna.storages.BaseStorage | None"
+def make_searcher(cfg: Config, specs: list[ParamSpec], storage: "optuna.storages.BaseStorage | None"
                   ) -> HonestOptunaSearch:
     metrics, modes = cfg.sweep.metrics, cfg.sweep.modes
-    if isinstance(storage, str):
-        storage = optuna.storages.RDBStorage(storage)
     return HonestOptunaSearch(
         space=make_define_by_run(specs),
         metric=metrics if len(metrics) > 1 else metrics[0],
@@ -173,17 +169,12 @@ def make_searcher(cfg: Config, specs: list[ParamSpec], storage: "str | optuna.st
 
 
 def make_scheduler(cfg: Config) -> TrialScheduler:
+    """The Tune scheduler of a config that passed :func:`qksweep.checks.check_sweep`."""
     s = cfg.sweep.scheduler
-    multi = len(cfg.sweep.metrics) > 1
     if s.name == "none":
         return FIFOScheduler()
-    if multi:
-        raise ConfigError(f"sweep.scheduler.name '{s.name}' stops trials on one metric; with several sweep.metric "
-                          "entries set sweep.scheduler.name: none")
     max_t = s.max_t or cfg.optim.epochs
     common: dict[str, Any] = dict(time_attr="epoch", metric=cfg.sweep.metrics[0], mode=cfg.sweep.modes[0])
-    if s.grace_period > max_t:
-        raise ConfigError(f"sweep.scheduler.grace_period={s.grace_period} exceeds max_t={max_t} (optim.epochs): lower it")
     if s.name == "asha":
         return ASHAScheduler(max_t=max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor, **common)
     if s.name == "hyperband":
@@ -192,6 +183,3 @@ def make_scheduler(cfg: Config) -> TrialScheduler:
         return MedianStoppingRule(grace_period=s.grace_period, min_samples_required=3, **common)
     raise AssertionError(s.name)
 
-
-def scheduler_label(cfg: Config) -> str:
-    return cfg.sweep.scheduler.name

@@ -11,15 +11,15 @@ from typing import Any
 
 import yaml
 
-from ..config import Config, ConfigError, flatten
-from ..search_spaces import ParamSpec, check_space_validity, expand_space, parse_space
+from ..checks import check_sweep
+from ..config import DEFAULT_STORAGE, Config, ConfigError, flatten
+from ..names import REPORTED_METRICS
+from ..search_spaces import ParamSpec, expand_space
 from ..tracking import runs
-from ..storage import STATE_FILE, SweepFiles, is_uri, join, probe
-from ..trainables.launcher import JobFailed, mask_config, storage_root
+from ..storage import STATE_FILE, SweepFiles, is_uri, probe, storage_root
+from ..tracking.lifecycle import TrackedRun, close_run, config_file, mask_config, open_run
+from ..trainables.train import JobFailed
 
-REPORTED_METRICS = ("epoch", "step", "train/loss", "train/top1", "val/loss", "val/top1", "val/top5", "lr",
-                    "samples_per_s", "epoch_time_s", "val_ema/loss", "val_ema/top1", "val_ema/top5",
-                    "snn/energy_mj", "snn/sops", "snn/firing_rate")
 
 
 @dataclass
@@ -33,40 +33,6 @@ class SweepResult:
     trials: Any  # pandas.DataFrame
     storage_path: str
     num_errors: int
-
-
-def check_sweep(cfg: Config) -> list[ParamSpec]:
-    """Everything about a sweep that can be refused before Ray starts."""
-    from .searcher import make_sampler, make_scheduler
-
-    if not cfg.sweep.space:
-        raise ConfigError("sweep.space is empty: give at least one key to search, or include a preset (include: qkformer)")
-    specs = parse_space(cfg.sweep.space)
-    for metric in cfg.sweep.metrics:
-        if metric not in REPORTED_METRICS:
-            raise ConfigError(f"sweep.metric '{metric}' is never reported by the training loop; choose one of "
-                              f"{', '.join(m for m in REPORTED_METRICS if '/' in m)}{_suggest(metric)}")
-        if metric.startswith("val_ema/") and not cfg.optim.ema:
-            raise ConfigError(f"sweep.metric '{metric}' needs optim.ema: true")
-        if metric.startswith("snn/") and not cfg.snn.enabled:
-            raise ConfigError(f"sweep.metric '{metric}' needs snn.enabled: true")
-    from ..config import STATIC_CONSTRAINTS
-
-    for key, bound in cfg.sweep.constraints.items():
-        if key not in STATIC_CONSTRAINTS and key not in REPORTED_METRICS:
-            raise ConfigError(f"sweep.constraints.{key}: not a reported metric nor one of {', '.join(STATIC_CONSTRAINTS)}{_suggest(key)}")
-        if bound.min is None and bound.max is None:
-            raise ConfigError(f"sweep.constraints.{key}: give min, max or both")
-    make_scheduler(cfg)
-    make_sampler(cfg)
-    check_space_validity(cfg, specs)
-    return specs
-
-
-def _suggest(metric: str) -> str:
-    from ..config import suggest
-
-    return suggest(metric, list(REPORTED_METRICS))
 
 
 def default_sweep_name(cfg: Config) -> str:
@@ -101,23 +67,15 @@ def _trainable(base: dict[str, Any], name: str, parent_run_id: str | None):
 
 
 def _parent_run(cfg: Config, name: str) -> str | None:
+    """The sweep's parent run: its params (no search space: that is ``search_space.yaml``) and files."""
     if not cfg.tracking.enabled:
         return None
-    c = runs.client(cfg.tracking.uri)
-    exp = runs.experiment_id(c, cfg.experiment)
     d = mask_config(cfg.to_dict())  # no password or bucket key in params
     d["sweep"] = dict(d["sweep"])
     space = d["sweep"].pop("space")
-    run_id, created = runs.get_or_create_run(c, exp, {runs.KIND: "sweep", runs.SWEEP: name}, run_name=name,
-                                             params=flatten(d))
-    if created:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(mask_config(cfg.to_dict()), sort_keys=False))
-            (Path(tmp) / "search_space.yaml").write_text(yaml.safe_dump(expand_space(space), sort_keys=False))
-            runs.log_artifact_dir(cfg.tracking.uri, run_id, tmp, "")
-    return run_id
+    files = {**config_file(cfg), "search_space.yaml": yaml.safe_dump(expand_space(space), sort_keys=False)}
+    return open_run(cfg.tracking.uri, cfg.experiment, {runs.KIND: "sweep", runs.SWEEP: name}, run_name=name,
+                    params=flatten(d), folder=None, files=files).run_id
 
 
 def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: str | None, files: SweepFiles,
@@ -162,6 +120,7 @@ def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: 
 
 def run_sweep(cfg: Config, *, name: str | None = None) -> SweepResult:
     from ..cluster.connect import cluster_resources, ensure_ray
+    from ..cluster.placement import reclaim_finished_jobs
 
     specs = check_sweep(cfg)
     name = name or default_sweep_name(cfg)
@@ -171,6 +130,7 @@ def run_sweep(cfg: Config, *, name: str | None = None) -> SweepResult:
         raise ConfigError(f"sweep '{name}' already exists at {files.location}: continue it with "
                           f"`qksweep resume {name}` or pick another --name")
     ensure_ray()
+    reclaim_finished_jobs()  # a killed earlier driver's Train runs would hold the CPUs this sweep needs
     concurrency = max_concurrent(cfg, cluster_resources())
     parent_run_id = _parent_run(cfg, name)
     files.prepare_new()
@@ -202,7 +162,7 @@ def find_sweep(name_or_path: str, storage: str | None = None) -> SweepFiles:
         elif storage and is_uri(storage):
             candidates = [(storage, name_or_path)]
         else:
-            candidates = [(str(Path(storage or "./qksweep_results").expanduser().resolve()), name_or_path),
+            candidates = [(str(Path(storage or DEFAULT_STORAGE).expanduser().resolve()), name_or_path),
                           (str(Path.cwd()), name_or_path)]
     for root, name in candidates:
         check_uri(root)
@@ -224,6 +184,7 @@ def resume_sweep(name_or_path: str, storage: str | None = None) -> SweepResult:
     from ray import tune
 
     from ..cluster.connect import ensure_ray
+    from ..cluster.placement import reclaim_finished_jobs
     from .searcher import relocate_study
 
     files = find_sweep(name_or_path, storage)
@@ -234,6 +195,7 @@ def resume_sweep(name_or_path: str, storage: str | None = None) -> SweepResult:
         raise ConfigError(f"sweep '{name}' at {files.location} has no Tune state to restore (it stopped before its "
                           "first trial); start it again")
     ensure_ray()
+    reclaim_finished_jobs()  # the killed driver's Train runs, where the cluster outlived it
     if parent_run_id:
         c = runs.client(cfg.tracking.uri)
         runs.retrying(lambda: c.update_run(parent_run_id, status="RUNNING"), what="run reopen")
@@ -248,26 +210,22 @@ def resume_sweep(name_or_path: str, storage: str | None = None) -> SweepResult:
 
 
 def _fit(tuner, cfg: Config, name: str, parent_run_id: str | None, files: SweepFiles) -> SweepResult:
-    from ..cluster.placement import job_placement_groups, release_placement_groups
+    from ..cluster.placement import alive_train_actors, current_job, job_placement_groups, release_placement_groups
 
-    c = runs.client(cfg.tracking.uri) if parent_run_id else None
-    before = job_placement_groups()
+    before, actors_before = job_placement_groups(), alive_train_actors(current_job()) or frozenset()
     try:
         try:
             with tune_interrupt_probe() as stopped:
                 grid = tuner.fit()
         finally:
-            release_placement_groups(before)  # what stopped Train runs reserved as they died
+            release_placement_groups(before, actors_before=actors_before)  # what stopped Train runs reserved as they died
             _final_upload(files)
         if stopped.fired or interrupted(grid, cfg.sweep.num_samples):  # Tune catches Ctrl-C itself and returns
             raise SweepInterrupted(f"sweep {name} interrupted; its state is saved: `qksweep resume {name}` continues it")
     except KeyboardInterrupt:
-        if c:
-            from ..tracking import pending
-
-            pending.finish(cfg.tracking.uri, parent_run_id, str(files.local),
-                           pending.close_record(cfg.tracking.uri, parent_run_id, "KILLED",
-                                                tags={"qksweep.stopped_by": "user"}, finalize=False), wait_s=5)
+        if parent_run_id:
+            close_run(TrackedRun(cfg.tracking.uri, parent_run_id, str(files.local), False), "KILLED",
+                      tags={"qksweep.stopped_by": "user"}, finalize=False, wait_s=5)
         raise
     import optuna
 
@@ -277,7 +235,7 @@ def _fit(tuner, cfg: Config, name: str, parent_run_id: str | None, files: SweepF
     if fail_study_trials(study):  # the sweep is complete: no Tune trial will tell a trial still RUNNING
         _final_upload(files)
     result = summarize(grid, cfg, name, parent_run_id, files.tune_path)
-    if c:  # an MLflow server that is away leaves the parent's closing in the sweep folder's pending file
+    if parent_run_id:  # an MLflow server that is away leaves the parent's closing in the sweep folder's pending file
         from ..tracking.sweep_callback import close_parent_run
 
         tags = {"qksweep.best_run_id": result.best_run_id or "", "qksweep.best_trial_id": result.best_trial_id or ""}
@@ -353,19 +311,22 @@ def summarize(grid, cfg: Config, name: str, parent_run_id: str | None, storage_p
             from .export import best_trial as mlflow_best
 
             picked = mlflow_best(cfg.tracking.uri, name, experiment=cfg.experiment, metric=metric, mode=mode)
-            best_run = picked["run_id"]
-            same = [r for r in grid if r.metrics and r.metrics.get("trial_id") == picked["trial_id"]]
+            same = [r for r in grid if _result_trial_id(r) == picked["trial_id"]]
             if same:
-                best = same[0]
+                best, best_run = same[0], picked["run_id"]
         except Exception as e:  # noqa: BLE001 - MLflow away, no metric logged: Tune's pick stands, no run id
             print(f"could not read the best trial from MLflow ({runs.mask_secrets(str(e).splitlines()[0][:160])}); "
                   f"Tune's best is shown without its run id; `qksweep best {name}` reads MLflow later")
-    if best is not None and best.metrics and metric in best.metrics:
-        best_trial = best.metrics.get("trial_id")
+    tune_has_it = best is not None and metric in (best.metrics or {})
+    if best is not None and (tune_has_it or best_run):
+        # MLflow's pick stands even when Tune holds no result for it: a trial that finished its last epoch
+        # after the killed driver's last state save is restarted on resume, and its restored Train run,
+        # having no epoch left, reports nothing to Tune (DEVELOPERS.md, "A trial that had finished")
+        best_trial = _result_trial_id(best)
         from ..search_spaces import apply_sample
 
         best_config = apply_sample(cfg.to_dict(), best.config).to_dict()
-        best_metrics = best_epoch_metrics(best, metric, mode)
+        best_metrics = best_epoch_metrics(best, metric, mode) if tune_has_it else {}
         if best_run and picked.get("best_epoch") is not None:
             # MLflow's epochs, as `qksweep best` reads them: a trial ASHA stopped may log one more epoch
             # after Tune's last result, and that epoch can be its best
@@ -374,6 +335,16 @@ def summarize(grid, cfg: Config, name: str, parent_run_id: str | None, storage_p
     return SweepResult(name=name, best_config=best_config, best_metrics=best_metrics or {}, best_trial_id=best_trial,
                        best_run_id=best_run, parent_run_id=parent_run_id, trials=df, storage_path=storage_path,
                        num_errors=grid.num_errors)
+
+
+def _result_trial_id(result) -> str | None:
+    """A Tune result's trial id: from its metrics, or (a trial with no result) from its folder's name,
+    ``trial_driver_<id>_<n>_...``."""
+    tid = (result.metrics or {}).get("trial_id")
+    if tid:
+        return tid
+    parts = Path(str(result.path)).name.split("_")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["trial", "driver"] else None
 
 
 def mlflow_epoch_metrics(uri: str, run_id: str, step: int) -> dict[str, Any]:

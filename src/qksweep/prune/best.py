@@ -3,7 +3,8 @@
 The MLflow epoch logger keeps the checkpoint of the best epoch as ``checkpoints/best``; in a pruned
 run that is often a dense epoch from before the pruning. Rank 0 therefore keeps a copy of the best
 *pruned* epoch's checkpoint (permanent weights, see :mod:`qksweep.prune`) and, when training ends,
-logs it as ``checkpoints/best``, replacing the dense one, so ``qksweep best --export``, ``validate``
+publishes it with the last epoch's checkpoint; the epoch logger uploads it as ``checkpoints/best``,
+replacing the dense one, so ``qksweep best --export``, ``validate``
 and ``predict`` get the pruned model. After a worker restart the best is chosen among the epochs
 trained since the restart (every one of them pruned).
 """
@@ -39,12 +40,15 @@ class BestPrunedCheckpoint:
         self.value, self.epoch = float(v), int(metrics.get("epoch", 0))
         return True
 
-    def upload(self, tracking_uri: str, run_id: str) -> None:
+    def copy_to(self, dest: str | Path) -> bool:
+        """Copy the best pruned checkpoint's files into ``dest`` (the last reported checkpoint's publish
+        folder: the epoch logger uploads it as ``checkpoints/best``). False when no pruned epoch was kept."""
         if self.dir is None:
-            return
-        from ..tracking.runs import log_artifact_dir
-
-        log_artifact_dir(tracking_uri, run_id, self.dir, "checkpoints/best")
+            return False
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        for f in self.dir.iterdir():
+            shutil.copyfile(f, Path(dest) / f.name)
+        return True
 
     def close(self) -> None:
         if self.dir is not None:

@@ -12,7 +12,7 @@ Syntax (DESIGN.md), one entry per dotted config key::
 
 ``model.head_dim`` is a derived key: the model width becomes ``num_heads × head_dim`` (ViTs) or
 ``4 × num_heads × head_dim`` (qkformer_*, whose three stages run at dim/4, dim/2, dim), so heads
-always divide every stage. Before a sweep starts, :func:`check_space_validity` builds the config of
+always divide every stage. Before a sweep starts, :func:`qksweep.checks.check_space_validity` builds the config of
 every combination of the shape-relevant discrete values and checks it with the model registry, so
 no trial is ever launched only to fail on shape.
 """
@@ -20,8 +20,6 @@ no trial is ever launched only to fail on shape.
 from __future__ import annotations
 
 import functools
-import itertools
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,45 +201,3 @@ def apply_sample(base: dict[str, Any], sample: dict[str, Any]) -> Config:
     return build_config(base, sample_overrides(base, sample))
 
 
-MAX_COMBINATIONS = 20_000
-
-
-def check_space_validity(base: Config, specs: list[ParamSpec]) -> None:
-    """Build the config of every combination of shape-relevant values and check it with the model
-    registry; a space that could produce an invalid model is refused before anything starts."""
-    from ..config import check_config
-
-    shape = [s for s in specs if s.key in SHAPE_KEYS]
-    for s in shape:
-        if s.values() is None:
-            raise ConfigError(f"sweep.space.{s.key}: a shape key needs discrete values (choice, randint or int), not {s.dist}")
-    grids = [s.values() for s in shape]
-    total = math.prod(len(g) for g in grids) if grids else 1
-    if total > MAX_COMBINATIONS:
-        raise ConfigError(f"sweep.space: {total} combinations of shape keys is too many to verify; narrow "
-                          f"{', '.join(s.key for s in shape)}")
-    base_dict = base.to_dict()
-    seen: set[tuple] = set()
-    for combo in itertools.product(*grids):
-        sample = dict(zip((s.key for s in shape), combo))
-        try:
-            cfg = apply_sample(base_dict, sample)
-            key = (cfg.model.model_dump_json(), cfg.data.img_size)
-            if key in seen:
-                continue
-            seen.add(key)
-            check_config(cfg)
-        except ConfigError as e:
-            point = ", ".join(f"{k}={v}" for k, v in sample.items())
-            hint = "" if "model.head_dim" in sample else " (parametrise the width as model.num_heads × model.head_dim to make every sample valid)"
-            raise ConfigError(f"sweep.space can sample an invalid model at {point}: {str(e).removeprefix('config: ')}{hint}") from None
-    # the non-shape keys: one sample each at its bounds validates types and ranges
-    for s in specs:
-        if s.key in SHAPE_KEYS:
-            continue
-        vals = s.values() or [s.args[0], s.args[1]]
-        for v in vals:
-            try:
-                apply_sample(base_dict, {s.key: v})
-            except ConfigError as e:
-                raise ConfigError(f"sweep.space.{s.key}: value {v!r} is not valid: {str(e).removeprefix('config: ')}") from None

@@ -86,46 +86,11 @@ def analyze_model(
     vectors: "OrderedDict[str, dict[str, torch.Tensor]]" = OrderedDict()
     for e in entries:
         W = e.matrix()
-        dev = torch.device("cpu") if svd_on_cpu else W.device
-        W = W.to(device=dev, dtype=dtype)
-        finite = bool(torch.isfinite(W).all())
-        if not finite:
-            W = torch.nan_to_num(W, nan=0.0, posinf=0.0, neginf=0.0)
+        W = W.to(device=torch.device("cpu") if svd_on_cpu else W.device, dtype=dtype)
+        S, U, V = _svd_of(W, save_vectors)
+        layers[e.key] = _layer_info(e, list(W.shape), S, topk, full)
         if save_vectors:
-            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        else:
-            S = torch.linalg.svdvals(W)
-        S = S.cpu()
-        if not finite:
-            S = torch.full_like(S, float("nan"))
-        r = S.numel()
-        k = min(topk, r)
-        info: dict[str, Any] = {
-            "shape": list(W.shape),
-            "type": layer_type(e.key),
-            "pattern": e.pattern,
-            "sv_topk": S[:k].tolist(),
-            "sv_lastk": S[r - k :].tolist(),
-            "sigma_max": float(S[0]),
-            "sigma_min": float(S[-1]),
-            "rank_eff": effective_rank(S),
-            "stable_rank": stable_rank(S),
-            "fro_norm": float(torch.linalg.vector_norm(S.double())),
-        }
-        if full:
-            info["spectrum"] = S.tolist()
-        layers[e.key] = info
-        if save_vectors:
-            V = Vh.mT
-            if full:
-                vectors[e.key] = {"U": U.cpu().contiguous(), "S": S.clone(), "V": V.cpu().contiguous()}
-            else:
-                vectors[e.key] = {
-                    "U_top": U[:, :k].cpu().contiguous(),
-                    "V_top": V[:, :k].cpu().contiguous(),
-                    "U_last": U[:, r - k :].cpu().contiguous(),
-                    "V_last": V[:, r - k :].cpu().contiguous(),
-                }
+            vectors[e.key] = _layer_vectors(U, S, V, topk, full)
     report: dict[str, Any] = {
         "meta": {
             "model_class": type(model).__name__,
@@ -145,6 +110,56 @@ def analyze_model(
     if save_vectors:
         report["vectors"] = dict(vectors)
     return report
+
+
+def _svd_of(W: torch.Tensor, vectors: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(singular values on the CPU, U, V); a matrix with non-finite entries gets NaN singular values."""
+    finite = bool(torch.isfinite(W).all())
+    if not finite:
+        W = torch.nan_to_num(W, nan=0.0, posinf=0.0, neginf=0.0)
+    U = V = None
+    if vectors:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        V = Vh.mT
+    else:
+        S = torch.linalg.svdvals(W)
+    S = S.cpu()
+    if not finite:
+        S = torch.full_like(S, float("nan"))
+    return S, U, V
+
+
+def _layer_info(e, shape: list[int], S: torch.Tensor, topk: int, full: bool) -> dict[str, Any]:
+    r = S.numel()
+    k = min(topk, r)
+    info: dict[str, Any] = {
+        "shape": shape,
+        "type": layer_type(e.key),
+        "pattern": e.pattern,
+        "sv_topk": S[:k].tolist(),
+        "sv_lastk": S[r - k :].tolist(),
+        "sigma_max": float(S[0]),
+        "sigma_min": float(S[-1]),
+        "rank_eff": effective_rank(S),
+        "stable_rank": stable_rank(S),
+        "fro_norm": float(torch.linalg.vector_norm(S.double())),
+    }
+    if full:
+        info["spectrum"] = S.tolist()
+    return info
+
+
+def _layer_vectors(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, topk: int, full: bool) -> dict[str, torch.Tensor]:
+    if full:
+        return {"U": U.cpu().contiguous(), "S": S.clone(), "V": V.cpu().contiguous()}
+    r = S.numel()
+    k = min(topk, r)
+    return {
+        "U_top": U[:, :k].cpu().contiguous(),
+        "V_top": V[:, :k].cpu().contiguous(),
+        "U_last": U[:, r - k :].cpu().contiguous(),
+        "V_last": V[:, r - k :].cpu().contiguous(),
+    }
 
 
 def _aggregate(layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:

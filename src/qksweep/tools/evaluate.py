@@ -226,7 +226,7 @@ def validate(
     if data_dir is not None:
         pre = preprocessing(loaded)
         ds, _ = folder_dataset(data_dir, pre.transform, pre.class_names)
-        batches, names, dataset = _loader(ds, bs, cfg.data.num_workers, dev), pre.class_names, str(data_dir)
+        batches, names, dataset = _loader(ds, bs, cfg.loader_workers(False), dev), pre.class_names, str(data_dir)
     else:
         from ..data import build_data
 
@@ -238,7 +238,7 @@ def validate(
             vx, vy = bundle.val.tensors
             batches = _tensor_batches(vx, vy, bs)
         else:
-            batches = _loader(bundle.val, bs, cfg.data.num_workers, dev)
+            batches = _loader(bundle.val, bs, cfg.loader_workers(False), dev)
         names, dataset = bundle.class_names, f"{cfg.data.name} val"
 
     m = evaluate_batches(loaded.model, batches, loaded.num_classes, spiking=loaded.spiking, device=dev)

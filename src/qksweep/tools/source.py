@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..config import Config, ConfigError, build_config
+from ..config import DEFAULT_TRACKING_URI, Config, ConfigError, build_config
 from ..trainables.checkpoint import CKPT_FILE, CONFIG_FILE, CheckpointError, load_checkpoint
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "pick_device",
 ]
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CHECKPOINT_DIRS = {"best": ("checkpoints/best", "checkpoints/last"), "last": ("checkpoints/last", "checkpoints/best")}

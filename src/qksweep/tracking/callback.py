@@ -83,6 +83,10 @@ class MLflowEpochLogger(UserCallback):
             self._best = float(value)
             out.append({"type": "best", "uri": self.tracking_uri, "run_id": self.run_id, "metric": self.metric,
                         "mode": self.mode, "value": float(value), "checkpoint": _checkpoint_uri(checkpoint, self.run_dir)})
+        if checkpoint is not None:  # what rank 0 published with its last epoch (after the best: it may replace it)
+            for artifact_path, folder in (m.get("_publish") or {}).items():
+                out.append({"type": "artifacts", "uri": self.tracking_uri, "run_id": self.run_id, "folder": folder,
+                            "artifact_path": artifact_path, "checkpoint": _checkpoint_uri(checkpoint, self.run_dir)})
         return out
 
     def _improved(self, value: float) -> bool:
@@ -121,10 +125,11 @@ def _checkpoint_uri(checkpoint, run_dir: str | None = None) -> str:
 
 
 def format_epoch(m: dict[str, Any], epochs: int, label: str = "") -> str:
-    keys = ["train/loss", "train/top1", "val/loss", "val/top1", "val/top5", "lr", "samples_per_s"]
+    from ..names import CONSOLE_METRICS, LR
+
     parts = [f"{label}epoch {int(m.get('epoch', 0))}/{epochs}"]
-    for k in keys:
+    for k in CONSOLE_METRICS:
         if k in m:
             v = m[k]
-            parts.append(f"{k} {v:.3g}" if k in ("lr",) else f"{k} {v:.4f}" if abs(v) < 100 else f"{k} {v:.0f}")
+            parts.append(f"{k} {v:.3g}" if k == LR else f"{k} {v:.4f}" if abs(v) < 100 else f"{k} {v:.0f}")
     return "  ".join(parts)

@@ -15,6 +15,9 @@ One JSON object a line, in the order things happened:
   identical in key, value, step and timestamp. An epoch the run already holds is skipped.
 - ``{"type": "best", "uri", "run_id", "metric", "mode", "value", "checkpoint"}``: upload that checkpoint as
   ``checkpoints/best`` if it beats what the run has.
+- ``{"type": "artifacts", "uri", "run_id", "checkpoint", "folder", "artifact_path"}``: upload the folder
+  ``folder`` of that checkpoint as ``artifact_path`` (what rank 0 published with its last epoch: the
+  spectral plots, the best pruned checkpoint as ``checkpoints/best``).
 - ``{"type": "close", "uri", "run_id", "status", "tags", "checkpoint", ...}``: close the run (FINISHED with the
   last checkpoint and learning curves, KILLED, FAILED, or ``auto``: as the sweep callback decides for a
   trial Tune stopped). ``run_id`` may be null, with ``experiment`` and ``lookup`` tags to find the run.
@@ -33,7 +36,9 @@ from typing import Any, Iterable
 
 from mlflow.entities import Metric
 
+from ..config import DEFAULT_STORAGE
 from . import runs
+from .finalize import finalize_run
 
 log = logging.getLogger("qksweep.tracking")
 
@@ -246,6 +251,8 @@ class Sender:
                 seen.add(int(r["epoch"]))
         elif kind == "best":
             self._send_best(r, end)
+        elif kind == "artifacts":
+            self._send_artifacts(r, end)
         else:
             raise ValueError(f"unknown pending record type {kind!r}")
 
@@ -261,8 +268,21 @@ class Sender:
         from ray.train import Checkpoint
 
         with Checkpoint(ckpt).as_directory() as d:
-            self._call(lambda: self._c(uri).log_artifacts(run_id, d, "checkpoints/best"), "artifact upload", end)
+            self._call(lambda: runs.log_checkpoint_dir(self._c(uri), run_id, d, "checkpoints/best"), "artifact upload", end)
         self._best[(run_id, metric)] = value
+
+    def _send_artifacts(self, r: dict[str, Any], end: float) -> None:
+        """A folder the run published inside its last checkpoint, uploaded as ``artifact_path``."""
+        uri, run_id, ckpt = r["uri"], r["run_id"], r["checkpoint"]
+        if "://" not in ckpt and not Path(ckpt).exists():
+            log.warning("checkpoint %s of run %s is gone; its %s artifacts are not uploaded", ckpt, run_id, r["artifact_path"])
+            return
+        from ray.train import Checkpoint
+
+        with Checkpoint(ckpt).as_directory() as d:
+            src = Path(d) / r["folder"]
+            if src.is_dir():
+                self._call(lambda: self._c(uri).log_artifacts(run_id, str(src), r["artifact_path"]), "artifact upload", end)
 
     def _close(self, r: dict[str, Any], end: float) -> None:
         uri, run_id = r["uri"], r.get("run_id")
@@ -289,7 +309,7 @@ class Sender:
             if ckpt and "://" not in ckpt and not Path(ckpt).exists():
                 log.warning("last checkpoint %s of run %s is gone; closing the run without it", ckpt, run_id)
                 ckpt = None
-            self._call(lambda: runs.finalize_run(uri, run_id, ckpt), "run finalization", end)
+            self._call(lambda: finalize_run(uri, run_id, ckpt), "run finalization", end)
             return
         if r.get("if_running") and run.info.status != "RUNNING":
             return
@@ -338,6 +358,9 @@ def summarize(records: Iterable[dict[str, Any]]) -> str:
         parts.append(f"{n} metric values ({', '.join(keys[:8])})")
     if any(r["type"] == "best" for r in records):
         parts.append("the best checkpoint")
+    published = [r["artifact_path"] for r in records if r["type"] == "artifacts"]
+    if published:
+        parts.append("artifacts " + ", ".join(f"{p}/" for p in published))
     closes = [r["status"] for r in records if r["type"] == "close"]
     if closes:
         parts.append(f"closing the run ({closes[-1] if closes[-1] != 'auto' else 'as the sweep decides'})")
@@ -394,7 +417,7 @@ def find_files(target: str, storage: str | None = None) -> list[str]:
     dirs: list[Path] = []
     if p.is_dir():
         dirs = [p]
-    root = Path(storage or "./qksweep_results").expanduser()
+    root = Path(storage or DEFAULT_STORAGE).expanduser()
     if not dirs and (root / target).is_dir():
         dirs = [root / target]
     found = []

@@ -5,9 +5,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from ..names import CURVES
 from . import runs
 
-CURVES = [("loss", ["train/loss", "val/loss"]), ("top-1", ["train/top1", "val/top1", "val_ema/top1"]), ("lr", ["lr"])]
 
 
 def learning_curves_png(history: dict[str, list[tuple[int, float]]], out: Path) -> Path | None:

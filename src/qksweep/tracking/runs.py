@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterable, TypeVar
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from ..names import PUBLISH_DIR
+
 log = logging.getLogger("qksweep.tracking")
 T = TypeVar("T")
 
@@ -38,6 +40,19 @@ def mask_secrets(text: str) -> str:
         return text
     text = _SECRET_URI.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
     return _SECRET_QUERY.sub(r"\1***", text)
+
+
+def first_line(e: BaseException) -> str:
+    """The innermost error's first line (Ray wraps worker exceptions several times)."""
+    seen = e
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = str(seen).strip() or type(seen).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):  # the last line of a remote traceback holds "ErrType: message"
+        if ":" in ln and not ln.startswith(("File ", "Traceback")):
+            return mask_secrets(ln)[:500]
+    return mask_secrets(lines[0] if lines else type(seen).__name__)[:500]
 
 
 def retrying(fn: Callable[[], T], *, what: str, attempts: int | None = None, base_delay: float = 0.2,
@@ -220,16 +235,17 @@ def iter_metrics(metrics: dict[str, Any]) -> Iterable[tuple[str, float]]:
             yield k, float(v)
 
 
-def finalize_run(uri: str, run_id: str, checkpoint_path: str | None) -> None:
-    """Last checkpoint and learning curves as artifacts, then FINISHED. Safe to repeat."""
-    if checkpoint_path:
-        from ray.train import Checkpoint
+def log_checkpoint_dir(c: MlflowClient, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
+    """A checkpoint folder as artifacts, without the files it carries for publishing (``_publish/``)."""
+    d = Path(local_dir)
+    if not (d / PUBLISH_DIR).exists():
+        retrying(lambda: c.log_artifacts(run_id, str(d), artifact_path), what="artifact upload")
+        return
+    for f in sorted(d.iterdir()):
+        if f.name == PUBLISH_DIR:
+            continue
+        if f.is_dir():
+            retrying(lambda f=f: c.log_artifacts(run_id, str(f), f"{artifact_path}/{f.name}"), what="artifact upload")
+        else:
+            retrying(lambda f=f: c.log_artifact(run_id, str(f), artifact_path), what="artifact upload")
 
-        with Checkpoint(checkpoint_path).as_directory() as d:
-            log_artifact_dir(uri, run_id, d, "checkpoints/last")
-    from .plots import log_learning_curves
-
-    log_learning_curves(uri, run_id)
-    c = client(uri)
-    stopped = retrying(lambda: c.get_run(run_id), what="run status").data.tags.get("qksweep.stopped_by")
-    finish_run(c, run_id, "KILLED" if stopped else "FINISHED")

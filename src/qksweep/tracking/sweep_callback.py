@@ -10,7 +10,7 @@ import time
 
 from ray.tune import Callback
 
-from . import pending, runs
+from . import finalize, pending, runs
 
 log = logging.getLogger("qksweep.tracking")
 
@@ -21,17 +21,16 @@ class SweepTracker(Callback):
     REFRESH_EVERY_S = float(os.environ.get("QKSWEEP_SWEEP_PLOTS_EVERY_S", "60"))
 
     def __init__(self, tracking_uri: str, experiment: str, sweep: str, parent_run_id: str, *, epochs: int,
-                 scheduler: str, optuna_storage: str | None, constraints: dict | None = None,
-                 storage: str | None = None):
+                 scheduler: str, optuna_storage: str | None, constraints: dict | None = None):
         self.uri, self.experiment, self.sweep = tracking_uri, experiment, sweep
         self.parent_run_id, self.epochs, self.scheduler = parent_run_id, epochs, scheduler
         self.optuna_storage = optuna_storage
         self.constraints = constraints or {}
-        self.storage = storage  # run.storage: each trial's Train run (and its MLflow pending file) is in there
         self._refreshed_at: float | None = None
 
     def _trial_dir(self, trial) -> str | None:
-        root = self.storage or getattr(getattr(trial, "storage", None), "storage_path", None)
+        # run.storage: each trial's Train run (and its MLflow pending file) is in there
+        root = getattr(getattr(trial, "storage", None), "storage_path", None)
         return f"{str(root).rstrip('/')}/{self.sweep}-{trial.trial_id}" if root else None
 
     def _flush_pending(self, trial) -> None:
@@ -75,7 +74,7 @@ class SweepTracker(Callback):
                     runs.finish_run(c, run_id, "KILLED", {"qksweep.stopped_by": self.scheduler,
                                                           "qksweep.stopped_at_epoch": str(decided)})
                 else:
-                    runs.finalize_run(self.uri, run_id, (trial.last_result or {}).get("checkpoint_path"))
+                    finalize.finalize_run(self.uri, run_id, (trial.last_result or {}).get("checkpoint_path"))
             if run_id:
                 self._mark_constraints(c, run_id, trial.last_result or {})
         except Exception as e:  # noqa: BLE001 - tracking trouble must not stop the sweep
@@ -136,8 +135,8 @@ def close_parent_run(uri: str, parent_run_id: str, sweep_dir: str, *, name: str,
         pass
     except Exception as e:  # noqa: BLE001 - plots are a convenience; `qksweep flush` does not redo them
         log.warning("could not write the sweep's plots to MLflow: %s", runs.mask_secrets(str(e).splitlines()[0][:200]))
-    records = []
-    if best_metrics:
-        records.append(pending.metrics_record(uri, parent_run_id, {f"best/{k}": v for k, v in best_metrics.items()}, 0))
-    records.append(pending.close_record(uri, parent_run_id, "FINISHED" if ok else "FAILED", tags=tags, finalize=False))
-    return pending.finish(uri, parent_run_id, sweep_dir, records, resume_hint=f"qksweep resume {name}")
+    from .lifecycle import TrackedRun, close_run
+
+    best = [pending.metrics_record(uri, parent_run_id, {f"best/{k}": v for k, v in best_metrics.items()}, 0)] if best_metrics else []
+    return close_run(TrackedRun(uri, parent_run_id, sweep_dir, False), "FINISHED" if ok else "FAILED", records=best,
+                     tags=tags, finalize=False, resume_hint=f"qksweep resume {name}")

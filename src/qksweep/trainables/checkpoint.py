@@ -1,5 +1,12 @@
 """Checkpoint save/load. One file, ``checkpoint.pt``, loadable with ``torch.load(weights_only=True)``,
-plus ``config.json`` so a checkpoint alone is enough to rebuild its model (validate, predict, spectrum)."""
+plus ``config.json`` so a checkpoint alone is enough to rebuild its model (validate, predict, spectrum).
+
+A training checkpoint is the core's state plus each extra's under its name, built by
+:func:`training_state` and put back by :func:`restore_training_state`, the one place that knows the
+layout: ``model`` (permanent weights), ``optimizer``, ``scheduler``, ``scaler`` (float16 only),
+``epoch``, ``updates``, ``epochs_planned``, ``rng``, ``metrics`` (the epoch's report, replayed after a
+restart), then ``ema``, ``spectral``, ``stop_rule``, ``fr_rule``, ``prune_masks`` as the extras have them.
+"""
 
 from __future__ import annotations
 
@@ -66,9 +73,67 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
         raise CheckpointError(f"checkpoint '{f}' is not a qksweep checkpoint (no 'model' entry)")
     cfg_file = p / CONFIG_FILE
     try:
-        config = json.loads(cfg_file.read_text()) if cfg_file.exists() else state.get("config_json") and json.loads(state["config_json"])
+        config = json.loads(cfg_file.read_text()) if cfg_file.exists() else None
     except json.JSONDecodeError:
         raise CheckpointError(f"checkpoint '{p}': {CONFIG_FILE} is not valid JSON") from None
     if not config:
         raise CheckpointError(f"checkpoint '{p}' has no {CONFIG_FILE}: cannot tell which model it holds")
     return state, config
+
+
+def training_state(core, extras, *, epoch: int, updates: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint of a :class:`~qksweep.trainables.core.Core` and its extras after ``epoch`` epochs."""
+    from ..prune import plain_state_dict  # the model's weights with any pruning made permanent
+
+    state: dict[str, Any] = {
+        "model": plain_state_dict(core.model), "optimizer": core.optimizer.state_dict(),
+        "scheduler": core.scheduler.state_dict(), "epoch": epoch, "updates": updates,
+        "epochs_planned": core.cfg.optim.epochs, "rng": rng_state(), "metrics": metrics,
+    }
+    if core.scaler.is_enabled():
+        state["scaler"] = core.scaler.state_dict()
+    for e in extras:
+        if e.name and (s := e.state_dict()) is not None:
+            state[e.name] = s
+    return state
+
+
+def restore_training_state(state: dict[str, Any], core, extras) -> tuple[int, int]:
+    """Put ``state`` back into the core and its extras; returns (epochs done, updates done). A checkpoint
+    planned for another number of epochs (``qksweep continue`` with more) keeps the fresh schedule."""
+    core.model.load_state_dict(state["model"])
+    for e in extras:
+        if e.name and e.name in state:
+            e.load_state_dict(state[e.name])
+    core.optimizer.load_state_dict(state["optimizer"])
+    if int(state.get("epochs_planned", core.cfg.optim.epochs)) == core.cfg.optim.epochs:
+        core.scheduler.load_state_dict(state["scheduler"])
+    if "scaler" in state:
+        core.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    epoch, updates = int(state["epoch"]), int(state["updates"])
+    core.scheduler.step_update(num_updates=updates)
+    return epoch, updates
+
+
+def load_resumable(ckpt, device) -> dict[str, Any]:
+    """Load the checkpoint to resume from; if it is corrupt, fall back to the newest earlier checkpoint
+    of the same run (kept alongside it in the run's storage) with a warning."""
+    import logging
+
+    try:
+        with ckpt.as_directory() as d:
+            return load_checkpoint(d, map_location=device)[0]
+    except CheckpointError as err:
+        here = Path(ckpt.path)
+        if "://" in ckpt.path or not here.parent.is_dir():
+            raise
+        for older in sorted((p for p in here.parent.glob("checkpoint_*") if p.is_dir() and p.name < here.name), reverse=True):
+            try:
+                state = load_checkpoint(older, map_location=device)[0]
+            except CheckpointError:
+                continue
+            logging.getLogger("qksweep").warning("%s; resuming from the previous checkpoint %s (epoch %s)",
+                                                 err, older.name, state.get("epoch"))
+            return state
+        raise

@@ -1,44 +1,14 @@
-"""The Ray Train launch: a ``TorchTrainer`` over :func:`train_loop`, used by ``qksweep train``,
-by every sweep trial and by ``qksweep continue``."""
+"""The Ray Train launch: builds the ``TorchTrainer`` over :func:`train_loop` that ``qksweep train``
+(``train.py``), every sweep trial (``trial.py``) and ``qksweep continue`` fit. Opening and closing
+their MLflow runs is ``tracking/lifecycle.py``'s."""
 
 from __future__ import annotations
 
-import tempfile
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import Config, flatten
-from ..storage import checkpoint_uri, join
-from ..tracking import pending, runs
+from ..config import Config
+from ..storage import run_dir, storage_root
 from ..tracking.callback import MLflowEpochLogger
-
-
-class JobFailed(RuntimeError):
-    """The job itself failed (exit code 1)."""
-
-
-def storage_root(cfg: Config) -> str:
-    """Ray Train wants an absolute path or a URI (``s3://``, ``gs://``: handed to Ray as it is)."""
-    from ..storage import is_uri, local_path
-
-    s = cfg.run.storage
-    return s if is_uri(s) else local_path(s)
-
-
-def run_dir(cfg: Config, run_name: str) -> str:
-    """The Train run's folder (its checkpoints, and MLflow's pending file when the server is away)."""
-    return join(storage_root(cfg), run_name)  # a URI keeps its ?endpoint_override=... after the path
-
-
-def run_params(cfg: Config) -> dict[str, Any]:
-    """Flattened config for MLflow params (the sweep section is the parent's business)."""
-    d = mask_config(cfg.to_dict())
-    d.pop("sweep", None)
-    return flatten(d)
 
 
 def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: list | None = None,
@@ -68,7 +38,8 @@ def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: l
         callbacks=cbs,
         logging_config=ray.train.LoggingConfig(log_level="WARNING"),
     )
-    loop_config = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": cfg.tracking.uri if run_id else None}
+    # the worker never writes to MLflow (what it publishes travels with its reports); it may read a teacher run
+    loop_config = {"config": cfg.to_dict(), "tracking_uri": cfg.tracking.uri}
     if resume_from:  # Train V2: the loop loads it when the run has no checkpoint of its own yet
         loop_config["resume_from"] = resume_from
     loop_config.update(extra or {})
@@ -125,99 +96,3 @@ def without_ray_data(trainer_cls):
 
     Trainer.__name__ = Trainer.__qualname__ = trainer_cls.__name__
     return Trainer
-
-
-def log_config_artifact(cfg: Config, run_id: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        p = Path(tmp) / "config.yaml"
-        p.write_text(yaml.safe_dump(mask_config(cfg.to_dict()), sort_keys=False))
-        runs.log_artifact_file(cfg.tracking.uri, run_id, p)
-
-
-def mask_config(d: dict[str, Any]) -> dict[str, Any]:
-    d = dict(d)
-    if "tracking" in d:
-        d["tracking"] = {**d["tracking"], "uri": runs.mask_secrets(d["tracking"]["uri"])}
-    if isinstance(d.get("run"), dict) and isinstance(d["run"].get("storage"), str):  # s3://KEY:SECRET@bucket
-        d["run"] = {**d["run"], "storage": runs.mask_secrets(d["run"]["storage"])}
-    return d
-
-
-@dataclass
-class TrainResult:
-    run_id: str | None
-    run_name: str
-    metrics: dict[str, Any]
-    checkpoint_path: str | None
-    storage_path: str
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def default_run_name(cfg: Config) -> str:
-    return f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def run_training(cfg: Config, *, run_name: str | None = None, tags: dict[str, str] | None = None,
-                 resume_from: str | None = None) -> TrainResult:
-    """One ``qksweep train``: an MLflow run with no parent, found again by its run name."""
-    from ..cluster.connect import ensure_ray
-    from ..storage import probe
-
-    name = run_name or cfg.run.name or default_run_name(cfg)
-    probe(cfg.run.storage)  # a missing or unreachable bucket: one line, before the MLflow run
-    run_id = None
-    c = None
-    if cfg.tracking.enabled:
-        c = runs.client(cfg.tracking.uri)
-        exp = runs.experiment_id(c, cfg.experiment)
-        run_id, created = runs.get_or_create_run(c, exp, {runs.KIND: "train", runs.RUN_NAME: name},
-                                                 run_name=name, params=run_params(cfg))
-        if tags:
-            runs.set_tags(c, run_id, tags)
-        if created:
-            log_config_artifact(cfg, run_id)
-        pending.restarted(run_dir(cfg, name))
-    ensure_ray()
-    trainer = make_trainer(cfg, run_name=name, run_id=run_id, resume_from=resume_from)
-    try:
-        result = trainer.fit()
-    except KeyboardInterrupt:
-        if c:
-            close_run(cfg, run_id, name, "KILLED", tags={"qksweep.stopped_by": "user"}, wait_s=5)
-        raise
-    except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; report their first line
-        msg = first_line(e)
-        if c:
-            close_run(cfg, run_id, name, "FAILED", tags={"qksweep.error": msg})
-        raise JobFailed(f"training failed: {msg}") from e
-    if c:
-        close_run(cfg, run_id, name, "FINISHED", checkpoint=checkpoint_uri(storage_root(cfg), result.checkpoint))
-    metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
-    return TrainResult(run_id=run_id, run_name=name, metrics=metrics,
-                       checkpoint_path=checkpoint_uri(storage_root(cfg), result.checkpoint),
-                       storage_path=join(storage_root(cfg), name))
-
-
-def close_run(cfg: Config, run_id: str, run_name: str, status: str, *, tags: dict[str, str] | None = None,
-              checkpoint: str | None = None, wait_s: float | None = None, label: str = "",
-              resume_hint: str | None = None, if_running: bool = False) -> bool:
-    """Send what the run's pending file holds, then close the run (FINISHED: with its last checkpoint and
-    learning curves). If MLflow stays away (``QKSWEEP_MLFLOW_END_WAIT_S``, 30 s), both stay in the pending
-    file and stderr says what is missing and where it is: the job itself still ends normally."""
-    close = pending.close_record(cfg.tracking.uri, run_id, status, tags=tags, checkpoint=checkpoint,
-                                 finalize=status == "FINISHED", if_running=if_running)
-    return pending.finish(cfg.tracking.uri, run_id, run_dir(cfg, run_name), close, wait_s=wait_s, label=label,
-                          resume_hint=resume_hint)
-
-
-def first_line(e: BaseException) -> str:
-    """The innermost error's first line (Ray wraps worker exceptions several times)."""
-    seen = e
-    while seen.__cause__ is not None:
-        seen = seen.__cause__
-    text = str(seen).strip() or type(seen).__name__
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in reversed(lines):  # the last line of a remote traceback holds "ErrType: message"
-        if ":" in ln and not ln.startswith(("File ", "Traceback")):
-            return runs.mask_secrets(ln)[:500]
-    return runs.mask_secrets(lines[0] if lines else type(seen).__name__)[:500]

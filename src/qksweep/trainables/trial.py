@@ -12,9 +12,10 @@ from typing import Any
 
 from ..kill_points import kill_point
 from ..search_spaces import apply_sample
-from ..storage import checkpoint_uri
+from ..storage import checkpoint_uri, run_dir, storage_root
 from ..tracking import pending, runs
-from .launcher import close_run, first_line, log_config_artifact, make_trainer, run_dir, run_params, storage_root
+from ..tracking.lifecycle import TrackedRun, close_run, config_file, open_run, run_params
+from .launcher import make_trainer
 from .report import PublicTuneReport
 
 
@@ -35,54 +36,48 @@ def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, pa
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = apply_sample(base, sample)
     name = trial_run_name(sweep, trial_id)
-    run_id = None
-    c = None
+    run: TrackedRun | None = None
     if cfg.tracking.enabled:
         try:
-            c = runs.client(cfg.tracking.uri)
-            run_id = _trial_run(c, cfg, sweep, trial_id, sample, parent_run_id, name)
+            run = _trial_run(cfg, sweep, trial_id, sample, parent_run_id, name)
         except Exception as e:  # noqa: BLE001 - no run to log into: this trial cannot start (Tune retries it)
             raise RuntimeError(f"MLflow at {runs.mask_secrets(cfg.tracking.uri)} did not answer when the trial "
-                               f"started ({first_line(e)}); the trial did not train. `qksweep resume {sweep}` "
+                               f"started ({runs.first_line(e)}); the trial did not train. `qksweep resume {sweep}` "
                                f"runs it again") from None
-        pending.restarted(run_dir(cfg, name))
         kill_point("mlflow_run")
     rejected = static_violation(cfg)
     if rejected:  # never started: no Train run, no worker; the run records why
-        if c:
-            runs.log_metrics(c, run_id, {rejected[0]: rejected[1]}, step=0)
-            runs.close_if_running(c, run_id, "KILLED", {"qksweep.stopped_by": "constraint",
-                                                        "qksweep.constraint_violated": rejected[2]})
+        if run:
+            close_run(run, "KILLED", records=[pending.metrics_record(run.uri, run.run_id, {rejected[0]: rejected[1]}, 0)],
+                      tags={"qksweep.stopped_by": "constraint", "qksweep.constraint_violated": rejected[2]},
+                      if_running=True, label=f"[{trial_id}] ", resume_hint=f"qksweep resume {sweep}")
         return
     label = f"[{trial_id}] "
     report = PublicTuneReport(static_values(cfg))
-    trainer = make_trainer(cfg, run_name=name, run_id=run_id, callbacks=[report], label=label)
+    trainer = make_trainer(cfg, run_name=name, run_id=run and run.run_id, callbacks=[report], label=label)
     try:
         result = trainer.fit()
+        kill_point("train_done")
     except Exception as e:
-        if c:
-            close_run(cfg, run_id, name, "FAILED", tags={"qksweep.error": first_line(e)}, if_running=True,
+        if run:
+            close_run(run, "FAILED", tags={"qksweep.error": runs.first_line(e)}, if_running=True,
                       label=label, resume_hint=f"qksweep resume {sweep}")
-        raise RuntimeError(first_line(e)) from None
-    if c:  # MLflow away for good: the trial still ends normally; stderr names what is missing and where
-        close_run(cfg, run_id, name, "FINISHED", checkpoint=checkpoint_uri(storage_root(cfg), result.checkpoint),
+        raise RuntimeError(runs.first_line(e)) from None
+    if run:  # MLflow away for good: the trial still ends normally; stderr names what is missing and where
+        close_run(run, "FINISHED", checkpoint=checkpoint_uri(storage_root(cfg), result.checkpoint),
                   label=label, resume_hint=f"qksweep resume {sweep}")
 
 
-def _trial_run(c, cfg, sweep: str, trial_id: str, sample: dict[str, Any], parent_run_id: str | None, name: str) -> str:
+def _trial_run(cfg, sweep: str, trial_id: str, sample: dict[str, Any], parent_run_id: str | None,
+               name: str) -> TrackedRun:
     """The trial's MLflow run, found by its tags or created with its params, tags and config."""
-    exp = runs.experiment_id(c, cfg.experiment)
-    lookup = {runs.KIND: "trial", runs.SWEEP: sweep, runs.TRIAL: trial_id}
     params = run_params(cfg)
     params.update({k: v for k, v in sample.items() if k not in params})  # derived keys, e.g. model.head_dim
-    run_id, created = runs.get_or_create_run(c, exp, lookup, run_name=name, params=params)
-    if created:
-        runs.set_tags(c, run_id, {**trial_tags(sweep, trial_id, parent_run_id),
-                                  "qksweep.searched": json.dumps(sorted(sample)),
-                                  "qksweep.metric": cfg.sweep.metrics[0], "qksweep.mode": cfg.sweep.modes[0],
-                                  "qksweep.objectives": json.dumps(dict(zip(cfg.sweep.metrics, cfg.sweep.modes)))})
-        log_config_artifact(cfg, run_id)
-    return run_id
+    tags = {**trial_tags(sweep, trial_id, parent_run_id), "qksweep.searched": json.dumps(sorted(sample)),
+            "qksweep.metric": cfg.sweep.metrics[0], "qksweep.mode": cfg.sweep.modes[0],
+            "qksweep.objectives": json.dumps(dict(zip(cfg.sweep.metrics, cfg.sweep.modes)))}
+    return open_run(cfg.tracking.uri, cfg.experiment, {runs.KIND: "trial", runs.SWEEP: sweep, runs.TRIAL: trial_id},
+                    run_name=name, params=params, folder=run_dir(cfg, name), tags=tags, files=config_file(cfg))
 
 
 def static_values(cfg) -> dict[str, float]:

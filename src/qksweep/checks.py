@@ -1,0 +1,172 @@
+"""The checks that need more than the schema: the model registry's shapes, data folders, optimizer and
+scheduler names, the tracking URI, storage, GPUs, the distillation teacher, and for a sweep its space,
+metrics, constraints, searcher and scheduler and every model the space can sample. They run before Ray
+or MLflow is touched and raise one-line :class:`~qksweep.config.ConfigError` (exit code 2).
+
+:mod:`qksweep.config` is the pure schema and imports nothing else from the package; this module is
+where the registries meet it."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+from .config import SCHEDULERS, STATIC_CONSTRAINTS, Config, ConfigError, known_num_classes, suggest
+from .names import REPORTED_METRICS
+from .search_spaces import SHAPE_KEYS, ParamSpec, apply_sample, parse_space
+
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "file")
+
+
+def check_tracking_uri(uri: str) -> None:
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise ConfigError(
+            f"tracking.uri '{uri.split('@')[-1]}' has an unsupported scheme: use sqlite:///mlflow.db, "
+            "http://HOST:PORT (an mlflow server) or a database URI such as postgresql://..."
+        )
+    if scheme == "file":
+        raise ConfigError("tracking.uri: MLflow 3 refuses the plain file store; use sqlite:///mlflow.db or an mlflow server")
+
+
+def check_config(cfg: Config) -> Config:
+    """Everything that can be checked before Ray or MLflow is touched: model shapes, data folders,
+    optimizer and scheduler names, the tracking URI."""
+    from timm.optim import list_optimizers
+
+    from .data import DataError, check_data
+    from .models import ModelArgError, check_model_args
+
+    from .storage import check_uri
+
+    check_tracking_uri(cfg.tracking.uri)
+    check_uri(cfg.run.storage)  # s3:// or gs:// (static here: the bucket is probed when a run starts)
+    try:
+        check_data(cfg.data)
+    except DataError as e:
+        raise ConfigError(f"config: {e}") from None
+    try:
+        check_model_args(cfg.model.name, num_classes=known_num_classes(cfg.data) or 10, in_chans=3,
+                         img_size=cfg.data.img_size, **cfg.model.overrides())
+    except ModelArgError as e:
+        raise ConfigError(f"config: {e}") from None
+    opts = list_optimizers()
+    if cfg.optim.name.lower() not in opts:
+        raise ConfigError(f"config: optim.name '{cfg.optim.name}' is not a timm optimizer{suggest(cfg.optim.name, opts)}")
+    if cfg.optim.sched not in SCHEDULERS:
+        raise ConfigError(f"config: optim.sched '{cfg.optim.sched}' is not one of {', '.join(SCHEDULERS)}{suggest(cfg.optim.sched, list(SCHEDULERS))}")
+    if cfg.optim.layer_decay is not None and not cfg.model.name.startswith("vit_"):
+        raise ConfigError("config: optim.layer_decay needs a model with layer groups (timm ViTs); remove it for SNNs")
+    if (cfg.optim.mixup > 0 or cfg.optim.cutmix > 0) and cfg.data.batch_size % 2:
+        raise ConfigError(f"config: data.batch_size={cfg.data.batch_size} must be even when mixup/cutmix is on")
+    if cfg.sweep.stop_on.spec_sigma_max_growth and not cfg.spectral.enabled:
+        raise ConfigError("config: sweep.stop_on.spec_sigma_max_growth needs spectral.enabled: true")
+    if cfg.run.gpus_per_worker > 0:
+        check_gpus_available(cfg)
+    if cfg.distill.enabled:
+        from .distill import check_distill
+
+        check_distill(cfg.distill, cfg.data, cfg.tracking.uri)
+    return cfg
+
+
+def check_gpus_available(cfg: Config) -> None:
+    """GPUs asked for where none exist (locally, with no RAY_ADDRESS) are refused before Ray starts."""
+    import os
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    need = cfg.run.gpus_per_worker * cfg.run.workers
+    if have < need:
+        raise ConfigError(
+            f"config: run.gpus_per_worker={cfg.run.gpus_per_worker} × run.workers={cfg.run.workers} needs {need:g} GPUs "
+            f"but this machine has {have}: set run.gpus_per_worker=0 or submit to a cluster with GPUs"
+        )
+
+
+def check_sweep(cfg: Config) -> list[ParamSpec]:
+    """Everything about a sweep that can be refused before Ray starts; returns the parsed space."""
+    if not cfg.sweep.space:
+        raise ConfigError("sweep.space is empty: give at least one key to search, or include a preset (include: qkformer)")
+    specs = parse_space(cfg.sweep.space)
+    for metric in cfg.sweep.metrics:
+        if metric not in REPORTED_METRICS:
+            raise ConfigError(f"sweep.metric '{metric}' is never reported by the training loop; choose one of "
+                              f"{', '.join(m for m in REPORTED_METRICS if '/' in m)}{suggest(metric, list(REPORTED_METRICS))}")
+        if metric.startswith("val_ema/") and not cfg.optim.ema:
+            raise ConfigError(f"sweep.metric '{metric}' needs optim.ema: true")
+        if metric.startswith("snn/") and not cfg.snn.enabled:
+            raise ConfigError(f"sweep.metric '{metric}' needs snn.enabled: true")
+    for key, bound in cfg.sweep.constraints.items():
+        if key not in STATIC_CONSTRAINTS and key not in REPORTED_METRICS:
+            raise ConfigError(f"sweep.constraints.{key}: not a reported metric nor one of {', '.join(STATIC_CONSTRAINTS)}"
+                              f"{suggest(key, list(REPORTED_METRICS))}")
+        if bound.min is None and bound.max is None:
+            raise ConfigError(f"sweep.constraints.{key}: give min, max or both")
+    check_search_algorithms(cfg)
+    check_space_validity(cfg, specs)
+    return specs
+
+
+SINGLE_AND_MULTI_OBJECTIVE = ("tpe", "random", "nsga2")
+
+
+def check_search_algorithms(cfg: Config) -> None:
+    """The scheduler and sampler fit the metrics and the epochs (``orchestrator.searcher`` builds them
+    from a config that passed here)."""
+    s, multi = cfg.sweep.scheduler, len(cfg.sweep.metrics) > 1
+    if s.name != "none":
+        if multi:
+            raise ConfigError(f"sweep.scheduler.name '{s.name}' stops trials on one metric; with several sweep.metric "
+                              "entries set sweep.scheduler.name: none")
+        max_t = s.max_t or cfg.optim.epochs
+        if s.grace_period > max_t:
+            raise ConfigError(f"sweep.scheduler.grace_period={s.grace_period} exceeds max_t={max_t} (optim.epochs): lower it")
+    sampler = cfg.sweep.searcher.sampler
+    if multi and sampler not in SINGLE_AND_MULTI_OBJECTIVE:
+        raise ConfigError(f"sweep.searcher.sampler '{sampler}' is single-objective; use tpe or nsga2 with several metrics")
+
+
+MAX_COMBINATIONS = 20_000
+
+
+def check_space_validity(base: Config, specs: list[ParamSpec]) -> None:
+    """Build the config of every combination of shape-relevant values and check it with the model
+    registry; a space that could produce an invalid model is refused before anything starts."""
+    shape = [s for s in specs if s.key in SHAPE_KEYS]
+    for s in shape:
+        if s.values() is None:
+            raise ConfigError(f"sweep.space.{s.key}: a shape key needs discrete values (choice, randint or int), not {s.dist}")
+    grids = [s.values() for s in shape]
+    total = math.prod(len(g) for g in grids) if grids else 1
+    if total > MAX_COMBINATIONS:
+        raise ConfigError(f"sweep.space: {total} combinations of shape keys is too many to verify; narrow "
+                          f"{', '.join(s.key for s in shape)}")
+    base_dict = base.to_dict()
+    seen: set[tuple] = set()
+    for combo in itertools.product(*grids):
+        sample = dict(zip((s.key for s in shape), combo))
+        try:
+            cfg = apply_sample(base_dict, sample)
+            key = (cfg.model.model_dump_json(), cfg.data.img_size)
+            if key in seen:
+                continue
+            seen.add(key)
+            check_config(cfg)
+        except ConfigError as e:
+            point = ", ".join(f"{k}={v}" for k, v in sample.items())
+            hint = "" if "model.head_dim" in sample else " (parametrise the width as model.num_heads × model.head_dim to make every sample valid)"
+            raise ConfigError(f"sweep.space can sample an invalid model at {point}: {str(e).removeprefix('config: ')}{hint}") from None
+    # the non-shape keys: one sample each at its bounds validates types and ranges
+    for s in specs:
+        if s.key in SHAPE_KEYS:
+            continue
+        vals = s.values() or [s.args[0], s.args[1]]
+        for v in vals:
+            try:
+                apply_sample(base_dict, {s.key: v})
+            except ConfigError as e:
+                raise ConfigError(f"sweep.space.{s.key}: value {v!r} is not valid: {str(e).removeprefix('config: ')}") from None
