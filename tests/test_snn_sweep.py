@@ -65,3 +65,27 @@ def test_firing_rate_rule_stops_a_saturated_network(ray_session, workdir):
     assert run.data.tags["qksweep.stopped_by"] == "firing_rate" and run.info.status == "KILLED"
     assert "firing rate" in run.data.tags["qksweep.stop_reason"]
     assert sorted(m.step for m in c.get_metric_history(res.run_id, "epoch")) == [1, 2]
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "nsga2", "cmaes", "gp"])
+def test_every_sampler_survives_the_pickle_into_tunes_state(workdir, sampler):
+    # Tune pickles the searcher, sampler included, into the sweep's state (Optuna 5.1's NSGA-II held a lock)
+    import pickle
+
+    import optuna
+
+    from qksweep.config import Config
+    from qksweep.orchestrator.searcher import make_sampler
+
+    cfg = tiny_config(workdir)
+    cfg["sweep"] = {"searcher": {"sampler": sampler, "seed": 0}, "space": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}}
+    if sampler == "nsga2":
+        cfg["sweep"].update(metric=["val/top1", "val/loss"], mode=["max", "min"], scheduler={"name": "none"})
+    s = pickle.loads(pickle.dumps(make_sampler(Config.model_validate(cfg))))
+    directions = ["maximize", "minimize"] if sampler == "nsga2" else ["maximize"]
+    study = optuna.create_study(sampler=s, directions=directions)
+    for _ in range(3):
+        t = study.ask()
+        x = t.suggest_float("x", 0.0, 1.0)
+        study.tell(t, [x, x] if sampler == "nsga2" else x)
+    assert len(study.trials) == 3 and pickle.loads(pickle.dumps(s)) is not None

@@ -27,12 +27,32 @@ def make_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=s.seed)
+        return PicklableNSGAIISampler(seed=s.seed)
     if s.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=s.seed, warn_independent_sampling=False)
     if s.sampler == "gp":
         return optuna.samplers.GPSampler(seed=s.seed)
     raise AssertionError(s.sampler)
+
+
+class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """NSGA-II that Tune can pickle into the sweep's state. Optuna 5.1's genetic samplers keep a
+    ``threading.Lock`` for their generation cache and no ``__getstate__``, so saving the Tuner failed
+    with ``cannot pickle '_thread.lock' object``. The lock is made anew on unpickling and the cache
+    (derived from the study) is read again."""
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        import threading
+
+        self.__dict__.update(state)
+        if "_cached_study_id" in state:  # Optuna >= 5.1: the generation cache and its lock
+            self._thread_lock = threading.Lock()
+            self._cached_study_id = None
 
 
 class HonestOptunaSearch(OptunaSearch):
