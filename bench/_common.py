@@ -249,18 +249,31 @@ def tune_trials(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def checkpoint_times(run_dir: str | Path) -> list[float]:
-    """Wall-clock times (epoch seconds) at which rank 0 called ``ray.train.report`` with a checkpoint,
-    parsed from Ray Train's default checkpoint folder names ``checkpoint_%Y-%m-%d_%H-%M-%S.%f``
-    (the storage context names the folder when ``report`` is called)."""
+    """Wall-clock times (epoch seconds) at which rank 0 reported a checkpoint: parsed from Ray Train's
+    default checkpoint folder names ``checkpoint_%Y-%m-%d_%H-%M-%S.%f`` (the storage context names the
+    folder when ``report`` is called), or, for a trial trained in its own Tune process (folders
+    ``checkpoint_000003``, written by the report itself), the folder's modification time."""
     from datetime import datetime
 
     times = []
     for p in Path(run_dir).glob("checkpoint_*"):
+        stamp = p.name[len("checkpoint_"):]
         try:
-            times.append(datetime.strptime(p.name[len("checkpoint_"):], "%Y-%m-%d_%H-%M-%S.%f").timestamp())
+            times.append(datetime.strptime(stamp, "%Y-%m-%d_%H-%M-%S.%f").timestamp())
         except ValueError:
-            continue
+            if stamp.isdigit():
+                times.append(p.stat().st_mtime)
     return sorted(times)
+
+
+def trial_checkpoint_dir(sweep_dir: str | Path, sweep: str, trial_id: str) -> Path:
+    """Where a sweep trial's checkpoints are: its Train run's folder beside the sweep's
+    (``run.launcher: train``) or its Tune trial folder inside the sweep's (``tune``)."""
+    sweep_dir = Path(sweep_dir)
+    train_dir = sweep_dir.parent / f"{sweep}-{trial_id}"
+    if list(train_dir.glob("checkpoint_*")):
+        return train_dir
+    return next((p for p in sweep_dir.glob(f"*{trial_id}*") if p.is_dir()), train_dir)
 
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float, int]]:

@@ -58,7 +58,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (BareLoop, checkpoint_times, emit, load_yaml, log, median, metric_history,  # noqa: E402
+from _common import (BareLoop, checkpoint_times, trial_checkpoint_dir, emit, load_yaml, log, median, metric_history,  # noqa: E402
                      shutdown_ray, tune_trials, with_overrides)
 
 CONFIG = "digits_qkformer.yaml"
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     sres = api.sweep(sweep_cfg, name=f"bench-sweep-{time.strftime('%H%M%S')}")
     trial = tune_trials(Path(sres.storage_path))[0]
     trial_run_start = MlflowClient(uri).get_run(sres.best_run_id).info.start_time / 1000
-    sh = train_history(uri, sres.best_run_id, Path(sres.storage_path).parent / f"{sres.name}-{trial['trial_id']}")
+    sh = train_history(uri, sres.best_run_id, trial_checkpoint_dir(sres.storage_path, sres.name, trial["trial_id"]))
     sh["batch"] = batch
     first = first_step_time(sh, steps)
     tstart = trial.get("start_time")

@@ -185,3 +185,19 @@ def test_fuzz_space_parser_raises_only_config_error(space):
         parse_space(space)
     except ConfigError:
         pass
+
+
+def test_trial_launcher_auto_tune_train_and_tune_with_several_workers_refused(tmp_path):
+    from qksweep.checks import check_config
+
+    def launcher(**run):
+        return build_config(tiny_config(tmp_path, run=run)).trial_launcher()
+
+    assert launcher() == "tune" and launcher(workers=2) == "train"
+    assert launcher(launcher="train") == "train" and launcher(launcher="tune") == "tune"
+    with pytest.raises(ConfigError) as e:
+        check_config(build_config(tiny_config(tmp_path, run={"launcher": "tune", "workers": 2})))
+    assert "run.launcher: tune" in str(e.value) and "run.workers=2" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        build_config(tiny_config(tmp_path, run={"launcher": "local"}))
+    assert "run.launcher" in str(e.value) and "\n" not in str(e.value)

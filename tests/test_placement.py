@@ -60,7 +60,8 @@ def test_train_run_dying_while_it_reserves_workers_does_not_hang_the_sweep(ray_s
     held = placement_group([{"CPU": 1}])  # stays for the whole sweep
     gate = placement_group([{"CPU": 1}]) if when == "pending" else None  # lifted once the controller is dead
     ray.get([held.ready()] + ([gate.ready()] if gate else []), timeout=60)
-    cfg = tiny_config(workdir, optim={"epochs": 1, "warmup_epochs": 0})
+    # trials on Ray Train: the leak is a Train controller's worker group (one-worker trials default to tune)
+    cfg = tiny_config(workdir, optim={"epochs": 1, "warmup_epochs": 0}, run={"launcher": "train"})
     cfg["sweep"] = {"metric": "val/loss", "mode": "min", "num_samples": 2, "max_concurrent": 1,
                     "searcher": {"sampler": "random", "seed": 0}, "scheduler": {"name": "none"},
                     "space": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}}

@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -69,6 +71,8 @@ def test_four_trial_sweep_parent_children_asha_and_continue(ray_session, workdir
             stopped.append(r)
         else:
             assert r.info.status == "FINISHED" and len(steps) == 4
+            # ASHA stops a trial at max_t too: the sweep callback closes it with its last checkpoint
+            assert "checkpoints/last/checkpoint.pt" in {a.path for a in c.list_artifacts(r.info.run_id, "checkpoints/last")}
     assert stopped, "ASHA stopped at least one trial early"
     arts = {a.path for a in c.list_artifacts(parent_id)}
     assert {"config.yaml", "search_space.yaml", "results.csv"} <= arts
@@ -116,8 +120,17 @@ def test_four_trial_sweep_parent_children_asha_and_continue(ray_session, workdir
     assert sorted(m.step for m in c.get_metric_history(cont.run_id, "epoch")) == list(range(done + 1, 6))
 
 
-def test_killed_driver_then_resume_finishes_each_trial_once(ray_session, workdir):
+def checkpointed_trials(results: Path, sweep: str) -> set[str]:
+    """The trials of ``sweep`` with a checkpoint on disk: in their Tune trial folder (``run.launcher: tune``)
+    or in their Train run's folder beside the sweep's (``train``)."""
+    found = list(results.glob(f"{sweep}/*/checkpoint_*")) + list(results.glob(f"{sweep}-*/checkpoint_*"))
+    return {p.parent.name for p in found}
+
+
+@pytest.mark.parametrize("launcher", ["tune", "train"])
+def test_killed_driver_then_resume_finishes_each_trial_once(ray_session, workdir, launcher):
     cfg = sweep_config(workdir, scheduler={"name": "none"}, num_samples=3)
+    cfg["run"]["launcher"] = launcher
     (workdir / "sweep.yaml").write_text(yaml.safe_dump(cfg))
     uri = cfg["tracking"]["uri"]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
@@ -128,8 +141,7 @@ def test_killed_driver_then_resume_finishes_each_trial_once(ray_session, workdir
     try:
         while time.time() < deadline:  # kill once the second trial has checkpointed an epoch
             # (watch the files: opening the store while the sweep creates it would race its migrations)
-            done_trials = {p.parent.name for p in (workdir / "results").glob("killme-*/checkpoint_*")}
-            if len(done_trials) >= 2:
+            if len(checkpointed_trials(workdir / "results", "killme")) >= 2:
                 break
             assert proc.poll() is None, "the sweep ended before the fault was injected"
             time.sleep(0.5)
@@ -152,6 +164,49 @@ def test_killed_driver_then_resume_finishes_each_trial_once(ray_session, workdir
     assert len(finished) == 3
 
 
+def test_killed_trial_process_restarts_from_its_checkpoint(ray_session, workdir):
+    """``run.launcher: tune``: the trial trains in its own process; SIGKILLed after its second epoch, Tune
+    starts it again (``run.max_failures``) from its last checkpoint, and MLflow has each epoch once."""
+    from ray.util.state import list_actors
+
+    from qksweep.cluster.connect import state_api_address
+
+    cfg = sweep_config(workdir, scheduler={"name": "none"}, num_samples=1)
+    uri = cfg["tracking"]["uri"]
+    done: dict = {}
+
+    def kill_trial_after_epoch_2() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            try:
+                c = MlflowClient(uri)
+                exp = c.get_experiment_by_name("test")
+                trial = [r for r in (c.search_runs([exp.experiment_id]) if exp else [])
+                         if r.data.tags.get("qksweep.kind") == "trial"]
+                if trial and any(m.step >= 2 for m in c.get_metric_history(trial[0].info.run_id, "epoch")):
+                    for a in list_actors(address=state_api_address(),
+                                         filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")]):
+                        os.kill(a.pid, signal.SIGKILL)
+                        done["killed"] = a.pid
+                    return
+            except Exception:  # noqa: BLE001 - the store may be mid-creation: look again
+                pass
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_trial_after_epoch_2, daemon=True)
+    killer.start()
+    res = api.sweep(cfg, name="trialkill")
+    killer.join(timeout=5)
+    assert done.get("killed"), "the fault was injected"
+    c, trials, parents = trial_runs(uri, "trialkill")
+    assert len(trials) == 1 and trials[0].info.status == "FINISHED" and res.best_trial_id
+    steps = [m.step for m in c.get_metric_history(trials[0].info.run_id, "epoch")]
+    assert sorted(steps) == [1, 2, 3, 4], f"each epoch once: {steps}"
+    history = [json.loads(line) for line in next((workdir / "results" / "trialkill").glob("*/result.json")).read_text().splitlines()]
+    epochs = [h["epoch"] for h in history]
+    assert epochs.count(1) == 1 and epochs[-1] == 4, f"resumed from its checkpoint, not started again: {epochs}"
+
+
 def test_ctrl_c_saves_state_exits_130_and_resume_finishes(ray_session, workdir):
     cfg = sweep_config(workdir, scheduler={"name": "none"}, num_samples=2)
     (workdir / "sweep.yaml").write_text(yaml.safe_dump(cfg))
@@ -159,7 +214,7 @@ def test_ctrl_c_saves_state_exits_130_and_resume_finishes(ray_session, workdir):
     proc = subprocess.Popen([sys.executable, "-m", "qksweep.cli", "sweep", "sweep.yaml", "--name", "ctrlc"],
                             cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not list((workdir / "results").glob("ctrlc-*/checkpoint_*")):
+    while time.time() < deadline and not checkpointed_trials(workdir / "results", "ctrlc"):
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)

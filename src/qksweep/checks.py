@@ -61,6 +61,9 @@ def check_config(cfg: Config) -> Config:
         raise ConfigError(f"config: data.batch_size={cfg.data.batch_size} must be even when mixup/cutmix is on")
     if cfg.sweep.stop_on.spec_sigma_max_growth and not cfg.spectral.enabled:
         raise ConfigError("config: sweep.stop_on.spec_sigma_max_growth needs spectral.enabled: true")
+    if cfg.run.launcher == "tune" and cfg.run.workers > 1:
+        raise ConfigError(f"config: run.launcher: tune trains one worker in the trial's own process, but "
+                          f"run.workers={cfg.run.workers}: set run.launcher: train (or auto), or run.workers: 1")
     if cfg.run.gpus_per_worker > 0:
         check_gpus_available(cfg)
     if cfg.distill.enabled:

@@ -125,6 +125,9 @@ class RunConfig(_Section):
     name: str | None = None
     keep_checkpoints: int = Field(default=2, gt=0)
     compile: bool | Literal[COMPILE_MODES] = False
+    # how a sweep trial trains: tune = in the trial's own process (Ray Tune's function API, one worker);
+    # train = a Ray Train run (TorchTrainer); auto = tune for one worker, train for several
+    launcher: Literal["auto", "tune", "train"] = "auto"
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -332,6 +335,12 @@ class Config(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def trial_launcher(self) -> str:
+        """``tune`` or ``train``: how a sweep trial of this config trains (``run.launcher``)."""
+        if self.run.launcher != "auto":
+            return self.run.launcher
+        return "tune" if self.run.workers == 1 else "train"
 
     def loader_workers(self, in_memory: bool) -> int:
         """``data.num_workers`` as a count. ``auto``: one loader process per CPU the worker holds beyond

@@ -60,10 +60,31 @@ def _trainable(base: dict[str, Any], name: str, parent_run_id: str | None):
 
     from ..trainables.trial import trial_driver
 
-    fn = tune.with_parameters(trial_driver, base=base, sweep=name, parent_run_id=parent_run_id)
+    cfg = Config.model_validate(base)
+    launcher = cfg.trial_launcher()
+    fn = tune.with_parameters(trial_driver, base=base, sweep=name, parent_run_id=parent_run_id, launcher=launcher)
+    if launcher == "tune":  # the trial trains in its own process: it holds the worker's resources
+        resources = {"cpu": cfg.run.cpus_per_worker, "gpu": cfg.run.gpus_per_worker}
+        return tune.with_resources(fn, {k: v for k, v in resources.items() if v})
     # The driver only launches and watches the Train run: it takes no CPU, so N trials of one worker
     # each fit on N CPUs. Ray refuses an empty bundle, so it asks for a token of memory instead.
     return tune.with_resources(fn, {"cpu": 0, "memory": 64 * 1024**2})
+
+
+def _tune_run_config(cfg: Config, name: str, callbacks: list, sync) -> Any:
+    """Tune's RunConfig. Trials of the ``tune`` launcher keep their checkpoints in their Tune trial folder
+    (``run.keep_checkpoints`` by the sweep's first metric, the latest always kept) and a failed one is
+    retried ``run.max_failures`` times from its last checkpoint, as Ray Train does for its workers; a
+    trial on Ray Train is retried by Train first, then once by Tune."""
+    from ray import tune
+
+    metric, mode = cfg.sweep.metrics[0], cfg.sweep.modes[0]
+    in_trial = cfg.trial_launcher() == "tune"
+    return tune.RunConfig(
+        name=name, storage_path=storage_root(cfg), callbacks=callbacks, sync_config=sync, verbose=0,
+        failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures if in_trial else 1),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints, checkpoint_score_attribute=metric,
+                                                checkpoint_score_order=mode) if in_trial else None)
 
 
 def _parent_run(cfg: Config, name: str) -> str | None:
@@ -113,8 +134,7 @@ def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: 
         _trainable(cfg.to_dict(), name, parent_run_id),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(cfg), num_samples=cfg.sweep.num_samples,
                                     max_concurrent_trials=concurrency, reuse_actors=False),
-        run_config=tune.RunConfig(name=name, storage_path=storage_root(cfg), callbacks=callbacks, sync_config=sync,
-                                  failure_config=tune.FailureConfig(max_failures=1), verbose=0),
+        run_config=_tune_run_config(cfg, name, callbacks, sync),
     )
 
 
@@ -189,6 +209,8 @@ def resume_sweep(name_or_path: str, storage: str | None = None) -> SweepResult:
 
     files = find_sweep(name_or_path, storage)
     state = json.loads((files.local / STATE_FILE).read_text())
+    if "launcher" not in state["config"].get("run", {}):  # started before run.launcher: its trials are Train runs
+        state["config"].setdefault("run", {})["launcher"] = "train"
     cfg = Config.model_validate(state["config"])
     name, parent_run_id = state["name"], state["parent_run_id"]
     if not tune.Tuner.can_restore(files.tune_path):

@@ -110,10 +110,11 @@ class TensorBatches:
 
 
 class LoaderBatches:
-    """A DataLoader prepared by Ray Train (DistributedSampler, device transfer)."""
+    """A DataLoader prepared by Ray Train (DistributedSampler, device transfer), or, outside Ray Train
+    (a one-worker trial in its own process), one whose batches this moves to ``device``."""
 
-    def __init__(self, loader):
-        self.loader = loader
+    def __init__(self, loader, device: torch.device | None = None):
+        self.loader, self.device = loader, device
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -124,10 +125,14 @@ class LoaderBatches:
             sampler.set_epoch(epoch)
 
     def __iter__(self):
-        return iter(self.loader)
+        if self.device is None:
+            return iter(self.loader)
+        nb = self.device.type == "cuda"
+        return ((x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)) for x, y in self.loader)
 
 
-def build_batches(cfg: Config, bundle: DataBundle, *, rank: int, world: int, device: torch.device):
+def build_batches(cfg: Config, bundle: DataBundle, *, rank: int, world: int, device: torch.device,
+                  ray_train: bool = True):
     bs = cfg.data.batch_size
     ebs = cfg.data.eval_batch_size or bs * 2
     if bundle.in_memory:
@@ -144,6 +149,8 @@ def build_batches(cfg: Config, bundle: DataBundle, *, rank: int, world: int, dev
                        pin_memory=pin, persistent_workers=nw > 0)
     val = DataLoader(bundle.val, batch_size=ebs, shuffle=False, num_workers=nw, pin_memory=pin,
                      persistent_workers=nw > 0)
+    if not ray_train:
+        return LoaderBatches(train, device), LoaderBatches(val, device)
     prep = ray.train.torch.prepare_data_loader
     return LoaderBatches(prep(train)), LoaderBatches(prep(val, add_dist_sampler=world > 1))
 
@@ -264,13 +271,13 @@ class Core:
                         num_classes=self.bundle.num_classes, around=around)
 
 
-def build_core(cfg: Config, *, rank: int, world: int, device: torch.device) -> Core:
+def build_core(cfg: Config, *, rank: int, world: int, device: torch.device, ray_train: bool = True) -> Core:
     bundle = build_data(cfg.data, seed=cfg.run.seed)
     model = build_model(cfg, bundle).to(device)
     o = cfg.optim
     optimizer = create_optimizer_v2(model, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
                                     layer_decay=o.layer_decay)
-    train_batches, val_batches = build_batches(cfg, bundle, rank=rank, world=world, device=device)
+    train_batches, val_batches = build_batches(cfg, bundle, rank=rank, world=world, device=device, ray_train=ray_train)
     updates_per_epoch = max(1, math.ceil(len(train_batches) / o.grad_accum))
     scheduler, _ = create_scheduler_v2(optimizer, sched=o.sched, num_epochs=o.epochs, warmup_epochs=o.warmup_epochs,
                                        warmup_lr=o.warmup_lr, min_lr=o.min_lr, step_on_epochs=False,

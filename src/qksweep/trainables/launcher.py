@@ -1,6 +1,6 @@
 """The Ray Train launch: builds the ``TorchTrainer`` over :func:`train_loop` that ``qksweep train``
-(``train.py``), every sweep trial (``trial.py``) and ``qksweep continue`` fit. Opening and closing
-their MLflow runs is ``tracking/lifecycle.py``'s."""
+(``train.py``), sweep trials on Ray Train (``trial.py``) and ``qksweep continue`` fit. Opening and
+closing their MLflow runs is ``tracking/lifecycle.py``'s."""
 
 from __future__ import annotations
 
@@ -38,20 +38,25 @@ def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: l
         callbacks=cbs,
         logging_config=ray.train.LoggingConfig(log_level="WARNING"),
     )
-    # the worker never writes to MLflow (what it publishes travels with its reports); it may read a teacher run
-    loop_config = {"config": cfg.to_dict(), "tracking_uri": cfg.tracking.uri}
-    if resume_from:  # Train V2: the loop loads it when the run has no checkpoint of its own yet
-        loop_config["resume_from"] = resume_from
-    loop_config.update(extra or {})
     trainer_cls, backend = trainer_class(cfg.run.workers, gpus)
     return without_ray_data(trainer_cls)(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config=loop_config(cfg, resume_from=resume_from, extra=extra),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.workers, use_gpu=gpus > 0,
                                                resources_per_worker=resources),
         run_config=run_config,
         **backend,
     )
+
+
+def loop_config(cfg: Config, *, resume_from: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``train_loop`` is handed. The loop never writes to MLflow (what it publishes travels with its
+    reports); it may read a teacher run."""
+    out: dict[str, Any] = {"config": cfg.to_dict(), "tracking_uri": cfg.tracking.uri}
+    if resume_from:  # the loop loads it when the run has no checkpoint of its own yet
+        out["resume_from"] = resume_from
+    out.update(extra or {})
+    return out
 
 
 def trainer_class(workers: int, gpus: float) -> tuple[type, dict[str, Any]]:

@@ -1,9 +1,10 @@
 """The one training loop every launch path shares (``qksweep train``, sweep trials, ``continue``).
 
-It runs on each Ray Train worker: build the core (data, model, optimiser, schedule: :mod:`.core`) and
-the extras (the optional features: :mod:`.extras`), resume from ``ray.train.get_checkpoint()``, then
-per epoch train, validate, gather the metrics and report them with a checkpoint from rank 0. No
-``.item()`` on the per-step path: sums stay on the device until the epoch ends.
+It runs on each Ray Train worker, or in a one-worker trial's own process (:mod:`.session`): build the
+core (data, model, optimiser, schedule: :mod:`.core`) and the extras (the optional features:
+:mod:`.extras`), resume from the session's checkpoint, then per epoch train, validate, gather the
+metrics and report them with a checkpoint from rank 0. No ``.item()`` on the per-step path: sums stay
+on the device until the epoch ends.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..config import Config
 from .checkpoint import load_resumable, restore_training_state, save_checkpoint, training_state
 from .core import Core, all_max, all_sum, build_core, compile_model, maybe_reset, seed_everything
 from .extras import Extra, agree_stop, around_all, build_extras, publish_all
+from .session import Session, train_session
 
 
 def quiet_ray_train_logs() -> None:
@@ -38,15 +40,15 @@ def quiet_ray_train_logs() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
+def train_loop(loop_config: dict[str, Any], session: Session | None = None) -> None:
     quiet_ray_train_logs()
     cfg = Config.model_validate(loop_config["config"])
-    ctx = ray.train.get_context()
+    s = session or train_session()
     seed_everything(cfg.run.seed)
-    core = build_core(cfg, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=ray.train.torch.get_device())
+    core = build_core(cfg, rank=s.rank, world=s.world, device=s.device, ray_train=s.ray_train)
     extras = build_extras(core, loop_config)
     try:
-        start_epoch, updates, replay = resume(core, extras, loop_config)
+        start_epoch, updates, replay = resume(core, extras, loop_config, s)
         model = ray.train.torch.prepare_model(core.model, move_to_device=False) if core.world > 1 else core.model
         model = compile_model(model, cfg.run.compile, core.spiking)
         for epoch in range(start_epoch, cfg.optim.epochs):
@@ -60,7 +62,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 metrics["_replay"], replay = replay, None
             if stop is not None and core.rank == 0:
                 metrics["_stopped_by"], metrics["_stop_reason"] = stop.stopped_by, stop.stop_request()
-            report(core, extras, metrics, epoch=epoch, updates=updates,
+            report(core, extras, s, metrics, epoch=epoch, updates=updates,
                    last=stop is not None or epoch + 1 == cfg.optim.epochs)
             if stop is not None:
                 break
@@ -69,10 +71,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             e.close()
 
 
-def resume(core: Core, extras: list[Extra], loop_config: dict[str, Any]) -> tuple[int, int, dict | None]:
+def resume(core: Core, extras: list[Extra], loop_config: dict[str, Any], s: Session) -> tuple[int, int, dict | None]:
     """(epochs done, updates done, the resumed epoch's metrics to replay) from this run's own checkpoint
-    (a restarted worker) or from ``loop_config['resume_from']`` (``qksweep continue``: nothing replayed)."""
-    ckpt = ray.train.get_checkpoint()
+    (a restarted worker or trial) or from ``loop_config['resume_from']`` (``qksweep continue``: nothing replayed)."""
+    ckpt = s.get_checkpoint()
     own = ckpt is not None
     if ckpt is None and loop_config.get("resume_from"):
         ckpt = ray.train.Checkpoint(loop_config["resume_from"])
@@ -154,10 +156,11 @@ def epoch_metrics(core: Core, model, extras: list[Extra], train, *, epoch: int, 
     return metrics
 
 
-def report(core: Core, extras: list[Extra], metrics: dict, *, epoch: int, updates: int, last: bool) -> None:
+def report(core: Core, extras: list[Extra], s: Session, metrics: dict, *, epoch: int, updates: int,
+           last: bool) -> None:
     """Report the epoch; rank 0 with its checkpoint (and, on the last epoch, what the extras publish)."""
     if core.rank != 0:
-        ray.train.report(metrics)
+        s.report(metrics, None)
         return
     state = training_state(core, extras, epoch=epoch + 1, updates=updates,
                            metrics={k: v for k, v in metrics.items() if k != "_replay"})
@@ -167,4 +170,4 @@ def report(core: Core, extras: list[Extra], metrics: dict, *, epoch: int, update
             e.after_checkpoint(Path(tmp), metrics)
         if last and (published := publish_all(extras, Path(tmp))):
             metrics["_publish"] = published
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        s.report(metrics, ray.train.Checkpoint.from_directory(tmp))

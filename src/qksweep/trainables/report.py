@@ -22,3 +22,55 @@ class PublicTuneReport(TuneReportCallback):
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         clean = [{**self.static, **{k: v for k, v in m.items() if not k.startswith("_")}} for m in metrics]
         super().after_report(run_context, clean, checkpoint)
+
+
+class LastReportGuard:
+    """Keeps a trial on Ray Train from deadlocking on its last epoch (Ray 2.60, seen in a 6-trial sweep here).
+
+    The Train controller's ``TuneReportCallback`` puts each epoch into the trial's one-slot inter-actor
+    queue; the trial actor's main thread takes it from there and puts it into its own one-slot result
+    queue, which only that main thread empties. When ``trainer.fit()`` returns, the trial function
+    returns too, and Tune's wrapper reports ``RESULT_DUPLICATE`` into that result queue. If the last
+    epoch still sat in the inter-actor queue then, the main thread later took it and blocked for good
+    putting it behind ``RESULT_DUPLICATE`` (py-spy: ``_get_result_from_queues`` → ``report`` →
+    ``Queue.put``), and the sweep waited forever for that trial.
+
+    :meth:`drain`, called after ``fit()``, waits until the main thread has taken the last epoch and
+    finished passing it on (its ``_get_result_from_queues`` call is over), so the function returns only
+    then. After ``fit()`` no new epoch can arrive: the controller's callbacks ran before it returned."""
+
+    def __init__(self):
+        import threading
+
+        from ray.train._internal.session import get_session
+
+        self.session = get_session()
+        self.busy = False
+        self.calls = 0
+        self.changed = threading.Condition()
+        fetch = self.session._get_result_from_queues
+
+        def guarded(block: bool):
+            with self.changed:
+                self.busy = True
+            try:
+                return fetch(block)
+            finally:
+                with self.changed:
+                    self.busy = False
+                    self.calls += 1
+                    self.changed.notify_all()
+
+        self.session._get_result_from_queues = guarded
+
+    def drain(self, timeout_s: float = 120.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        queue = self.session._inter_actor_queue
+        while queue is not None and not queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self.changed:  # a call that took the last epoch is over once busy is clear or calls moved on
+            seen = self.calls
+            self.changed.wait_for(lambda: not self.busy or self.calls > seen,
+                                  timeout=max(0.0, deadline - time.monotonic()))

@@ -1,8 +1,13 @@
-"""The Tune trial driver: one trial = a small function that builds and fits a ``TorchTrainer``.
+"""The Tune trial driver. A trial trains one of two ways (``run.launcher``, see :mod:`.session`):
 
-Ray 2.60's Train V2 pattern: the Train run's name is derived from the Tune trial id, so a restarted
-trial (a retry, or a restored sweep) finds its own checkpoints and resumes instead of starting at
-epoch 0. The trial's MLflow run is found again by its tags, so there is exactly one per trial.
+- ``tune`` (one worker, the default): the shared loop runs in the trial's own process through Tune's
+  function API; its checkpoints are the Tune trial's, so a retried or restored trial resumes from them.
+- ``train``: the trial is a small function that builds and fits a ``TorchTrainer`` (Ray 2.60's Train
+  V2 pattern). The Train run's name is derived from the Tune trial id, so a restarted trial finds its
+  own checkpoints and resumes instead of starting at epoch 0.
+
+Either way the trial's MLflow run is found again by its tags, so there is exactly one per trial, and
+the same epoch logger (``tracking/callback.py``) writes each epoch once.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from ..storage import checkpoint_uri, run_dir, storage_root
 from ..tracking import pending, runs
 from ..tracking.lifecycle import TrackedRun, close_run, config_file, open_run, run_params
 from .launcher import make_trainer
-from .report import PublicTuneReport
+from .report import LastReportGuard, PublicTuneReport
 
 
 def trial_run_name(sweep: str, trial_id: str) -> str:
@@ -30,7 +35,8 @@ def trial_tags(sweep: str, trial_id: str, parent_run_id: str | None) -> dict[str
     return tags
 
 
-def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, parent_run_id: str | None) -> None:
+def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, parent_run_id: str | None,
+                 launcher: str = "train") -> None:
     import ray.tune
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -53,10 +59,8 @@ def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, pa
                       if_running=True, label=f"[{trial_id}] ", resume_hint=f"qksweep resume {sweep}")
         return
     label = f"[{trial_id}] "
-    report = PublicTuneReport(static_values(cfg))
-    trainer = make_trainer(cfg, run_name=name, run_id=run and run.run_id, callbacks=[report], label=label)
     try:
-        result = trainer.fit()
+        checkpoint = (fit_in_trial if launcher == "tune" else fit_on_train)(cfg, run, name, label)
         kill_point("train_done")
     except Exception as e:
         if run:
@@ -64,8 +68,40 @@ def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, pa
                       label=label, resume_hint=f"qksweep resume {sweep}")
         raise RuntimeError(runs.first_line(e)) from None
     if run:  # MLflow away for good: the trial still ends normally; stderr names what is missing and where
-        close_run(run, "FINISHED", checkpoint=checkpoint_uri(storage_root(cfg), result.checkpoint),
+        close_run(run, "FINISHED", checkpoint=checkpoint_uri(storage_root(cfg), checkpoint),
                   label=label, resume_hint=f"qksweep resume {sweep}")
+
+
+def fit_on_train(cfg, run: TrackedRun | None, name: str, label: str):
+    """The trial as a Ray Train run; its epochs reach MLflow through the Train controller's callbacks."""
+    report = PublicTuneReport(static_values(cfg))
+    guard = LastReportGuard()
+    trainer = make_trainer(cfg, run_name=name, run_id=run and run.run_id, callbacks=[report], label=label)
+    checkpoint = trainer.fit().checkpoint
+    guard.drain()  # the last epoch reached Tune before this function returns (Ray 2.60 race, see report.py)
+    return checkpoint
+
+
+def fit_in_trial(cfg, run: TrackedRun | None, name: str, label: str):
+    """The trial in this process (Tune's function API): the epoch logger runs here, after each checkpoint
+    is persisted and before Tune sees the epoch. Returns the last checkpoint."""
+    import ray.tune
+
+    from ..tracking.callback import MLflowEpochLogger
+    from .launcher import loop_config
+    from .loop import train_loop
+    from .session import TuneSession
+
+    after = None
+    if run is not None:
+        logger = MLflowEpochLogger(cfg.tracking.uri, run.run_id, metric=cfg.sweep.metrics[0], mode=cfg.sweep.modes[0],
+                                   epochs=cfg.optim.epochs, label=label, run_dir=run_dir(cfg, name))
+        after = lambda metrics, checkpoint: logger.after_report(None, [metrics], checkpoint)  # noqa: E731
+    ts = TuneSession(gpus=cfg.run.gpus_per_worker, static=static_values(cfg), after_persist=after)
+    session = ts.session()
+    kill_point("train_run")
+    train_loop(loop_config(cfg), session=session)
+    return ts.last_checkpoint or ray.tune.get_checkpoint()  # restored with no epoch left: the one it had
 
 
 def _trial_run(cfg, sweep: str, trial_id: str, sample: dict[str, Any], parent_run_id: str | None,
