@@ -89,3 +89,16 @@ def test_every_sampler_survives_the_pickle_into_tunes_state(workdir, sampler):
         x = t.suggest_float("x", 0.0, 1.0)
         study.tell(t, [x, x] if sampler == "nsga2" else x)
     assert len(study.trials) == 3 and pickle.loads(pickle.dumps(s)) is not None
+
+
+def test_searcher_name_random_is_random_search(workdir):
+    import optuna
+
+    from qksweep.config import Config
+    from qksweep.orchestrator.searcher import make_sampler
+
+    cfg = tiny_config(workdir)
+    cfg["sweep"] = {"searcher": {"name": "random", "seed": 3}, "space": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}}
+    assert isinstance(make_sampler(Config.model_validate(cfg)), optuna.samplers.RandomSampler)
+    cfg["sweep"]["searcher"] = {"name": "optuna", "seed": 3}
+    assert isinstance(make_sampler(Config.model_validate(cfg)), optuna.samplers.TPESampler)

@@ -22,10 +22,10 @@ def make_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
     """The Optuna sampler of a config that passed :func:`qksweep.checks.check_sweep`."""
     s = cfg.sweep.searcher
     # constraints reach TPE/NSGA-II through Trial.set_constraint (Optuna 5), see HonestOptunaSearch
+    if s.sampler == "random" or s.name == "random":  # `searcher: {name: random}` is random search too
+        return optuna.samplers.RandomSampler(seed=s.seed)
     if s.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True)
-    if s.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
     if s.sampler == "nsga2":
         return PicklableNSGAIISampler(seed=s.seed)
     if s.sampler == "cmaes":
