@@ -43,6 +43,11 @@ def check(tmp: Path, name: str, num_samples: int) -> dict:
     c = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     exps = [e.experiment_id for e in c.search_experiments()]
     rs = c.search_runs(exps, filter_string=f"tags.`qksweep.sweep` = '{name}'")
+    if not (tmp / "results" / name / "qksweep_sweep.json").exists():
+        # killed before the sweep wrote its state: nothing to resume (resume must refuse in one line,
+        # exit 2) and nothing of it may be left in MLflow
+        return {"ok": not rs, "before_state": True, "trial_runs": 0, "orphan_runs": 0, "repeated_epochs": [],
+                "running_runs": sum(r.info.status == "RUNNING" for r in rs), "study_states": []}
     trials = [r for r in rs if r.data.tags.get("qksweep.kind") == "trial"]
     orphans = [r for r in rs if r.data.tags.get("qksweep.kind") == "orphan"]
     repeated = [r.data.tags.get("qksweep.trial_id") for r in trials
@@ -111,7 +116,7 @@ def cycle(i: int, rng: random.Random, a) -> dict:
     except Exception as e:  # noqa: BLE001 - a sweep killed before it wrote its study: nothing to check, say so
         row = {"cycle": i, "kill_at_s": round(kill_at, 1), "killed": killed, "resume_rc": resumed, "ok": False,
                "error": str(e).splitlines()[0] if str(e) else type(e).__name__}
-    row["ok"] = row["ok"] and resumed in (None, 0)
+    row["ok"] = row["ok"] and resumed in ((2,) if row.get("before_state") else (None, 0))
     if row["ok"]:
         shutil.rmtree(tmp, ignore_errors=True)
     else:  # the evidence stays: the sweep's and the resume's output, the stores

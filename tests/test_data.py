@@ -478,3 +478,21 @@ def test_split_cli(tmp_path, capsys):
     assert "3 classes" in capsys.readouterr().out
     assert split_main(["--data-dir", str(src), "--output-dir", str(tmp_path / "o")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_file_backed_batches_outside_ray_train_come_on_the_device(tmp_path):
+    # a one-worker trial in its own process (run.launcher: tune) has no Ray Train to prepare its loaders
+    from qksweep.config import build_config
+    from qksweep.trainables.core import LoaderBatches, build_batches
+
+    from .conftest import tiny_config
+
+    root = make_imagefolder(tmp_path / "ds")
+    c = build_config(tiny_config(tmp_path, data={"name": "imagefolder", "root": str(root), "img_size": 16,
+                                                 "batch_size": 4, "num_workers": 0}))
+    bundle = build_data(c.data)
+    train, val = build_batches(c, bundle, rank=0, world=1, device=torch.device("cpu"), ray_train=False)
+    assert isinstance(train, LoaderBatches) and train.device == torch.device("cpu")
+    x, y = next(iter(train))
+    assert x.shape == (4, 3, 16, 16) and x.device.type == "cpu" and y.dtype == torch.long
+    assert sum(len(yb) for _, yb in val) == len(bundle.val)

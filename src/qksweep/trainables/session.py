@@ -83,8 +83,9 @@ class TuneSession:
                 # as TuneReportCallback gives it for trials on Ray Train: the sweep callback closes a trial
                 # Tune stopped (ASHA, max_t) with this checkpoint as the run's last
                 result.metrics[CHECKPOINT_PATH_KEY] = result.checkpoint.path
-            if self.after_persist is not None and self._full is not None:
-                self.after_persist(self._full, result.checkpoint)
+            full, self._full = self._full, None  # only this report's: Tune's final RESULT_DUPLICATE has none
+            if self.after_persist is not None and full is not None:
+                self.after_persist(full, result.checkpoint)
             hand_over(result)
 
         s._report_training_result = logged_then_handed_over
