@@ -201,3 +201,12 @@ def test_trial_launcher_auto_tune_train_and_tune_with_several_workers_refused(tm
     with pytest.raises(ConfigError) as e:
         build_config(tiny_config(tmp_path, run={"launcher": "local"}))
     assert "run.launcher" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_sweep_started_before_run_launcher_resumes_on_ray_train(tmp_path):
+    from qksweep.orchestrator.sweep import stored_config
+
+    conf = build_config(tiny_config(tmp_path)).to_dict()
+    assert stored_config({"config": conf}).trial_launcher() == "tune"  # written by this version: auto
+    old = {**conf, "run": {k: v for k, v in conf["run"].items() if k != "launcher"}}
+    assert stored_config({"config": old}).trial_launcher() == "train"

@@ -200,6 +200,15 @@ def find_sweep(name_or_path: str, storage: str | None = None) -> SweepFiles:
     raise ConfigError(f"no sweep '{name_or_path}' to resume{hint}")
 
 
+def stored_config(state: dict[str, Any]) -> Config:
+    """The config a sweep's state file holds. A sweep started before ``run.launcher`` existed trained its
+    trials as Train runs, whose checkpoints are where only that launcher looks: it resumes on Ray Train."""
+    conf = dict(state["config"])
+    if "launcher" not in conf.get("run", {}):
+        conf["run"] = {**conf.get("run", {}), "launcher": "train"}
+    return Config.model_validate(conf)
+
+
 def resume_sweep(name_or_path: str, storage: str | None = None) -> SweepResult:
     from ray import tune
 
@@ -209,9 +218,7 @@ def resume_sweep(name_or_path: str, storage: str | None = None) -> SweepResult:
 
     files = find_sweep(name_or_path, storage)
     state = json.loads((files.local / STATE_FILE).read_text())
-    if "launcher" not in state["config"].get("run", {}):  # started before run.launcher: its trials are Train runs
-        state["config"].setdefault("run", {})["launcher"] = "train"
-    cfg = Config.model_validate(state["config"])
+    cfg = stored_config(state)
     name, parent_run_id = state["name"], state["parent_run_id"]
     if not tune.Tuner.can_restore(files.tune_path):
         raise ConfigError(f"sweep '{name}' at {files.location} has no Tune state to restore (it stopped before its "
