@@ -107,9 +107,9 @@ def test_compiled_run_trains_and_checkpoints_the_eager_weights(tmp_path):
 
 
 @pytest.mark.parametrize("key,value,words", [
-    ("run.compile", "fast", "run.compile must be false, true or a torch.compile mode"),
-    ("data.num_workers", -1, "data.num_workers must be 'auto' or a whole number >= 0 (got -1)"),
-    ("data.num_workers", "many", "data.num_workers must be 'auto'"),
+    ("run.compile", "fast", "run.compile: must be false, true or a torch.compile mode"),
+    ("data.num_workers", -1, "data.num_workers: must be 'auto' or a whole number >= 0 (got -1)"),
+    ("data.num_workers", "many", "data.num_workers: must be 'auto'"),
 ])
 def test_bad_compile_or_loader_workers_is_one_line(tmp_path, key, value, words):
     section, field = key.split(".")

@@ -73,7 +73,7 @@ class DataConfig(_Section):
     def _auto_or_count(cls, v: Any) -> Any:
         if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
             return v
-        raise ValueError(f"data.num_workers must be 'auto' or a whole number >= 0 (got {v!r})")
+        raise ValueError(f"must be 'auto' or a whole number >= 0 (got {v!r})")
 
 
 class OptimConfig(_Section):
@@ -134,7 +134,7 @@ class RunConfig(_Section):
     def _compile_mode(cls, v: Any) -> Any:
         if isinstance(v, bool) or v in COMPILE_MODES:
             return v
-        raise ValueError(f"run.compile must be false, true or a torch.compile mode ({', '.join(COMPILE_MODES)}); "
+        raise ValueError(f"must be false, true or a torch.compile mode ({', '.join(COMPILE_MODES)}); "
                          f"got {v!r}")
 
 

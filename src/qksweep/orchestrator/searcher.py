@@ -137,8 +137,9 @@ class HonestOptunaSearch(OptunaSearch):
                 self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
                 self._completed_trials.add(trial_id)
                 return
-        except Exception:  # noqa: BLE001 - fall back to Ray's handling (error, missing value)
-            pass
+        except Exception as e:  # noqa: BLE001 - fall back to Ray's handling (error, missing value)
+            log.warning("Optuna did not take trial %s's end as qksweep tells it (%s); Ray's OptunaSearch tells it instead",
+                        trial_id, str(e).splitlines()[0] if str(e) else type(e).__name__)
         super().on_trial_complete(trial_id, result, error)
 
     def constraint_values(self, result: dict) -> list[float]:

@@ -55,14 +55,14 @@ def max_concurrent(cfg: Config, resources: dict[str, float]) -> int:
     return max(1, min(fits, cfg.sweep.num_samples))
 
 
-def _trainable(base: dict[str, Any], name: str, parent_run_id: str | None):
+def _trainable(cfg: Config, name: str, parent_run_id: str | None):
     from ray import tune
 
     from ..trainables.trial import trial_driver
 
-    cfg = Config.model_validate(base)
     launcher = cfg.trial_launcher()
-    fn = tune.with_parameters(trial_driver, base=base, sweep=name, parent_run_id=parent_run_id, launcher=launcher)
+    fn = tune.with_parameters(trial_driver, base=cfg.to_dict(), sweep=name, parent_run_id=parent_run_id,
+                              launcher=launcher)
     if launcher == "tune":  # the trial trains in its own process: it holds the worker's resources
         resources = {"cpu": cfg.run.cpus_per_worker, "gpu": cfg.run.gpus_per_worker}
         return tune.with_resources(fn, {k: v for k, v in resources.items() if v})
@@ -131,7 +131,7 @@ def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: 
         # after a crash starts from the last upload, so keep it recent (a few small files)
         sync = tune.SyncConfig(sync_period=30)
     return tune.Tuner(
-        _trainable(cfg.to_dict(), name, parent_run_id),
+        _trainable(cfg, name, parent_run_id),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(cfg), num_samples=cfg.sweep.num_samples,
                                     max_concurrent_trials=concurrency, reuse_actors=False),
         run_config=_tune_run_config(cfg, name, callbacks, sync),
@@ -232,7 +232,7 @@ def resume_sweep(name_or_path: str, storage: str | None = None) -> SweepResult:
     from .orphans import close_orphans
 
     close_orphans(cfg, name, files.tune_path, files.optuna_url)  # trials the killed driver had not recorded
-    tuner = tune.Tuner.restore(files.tune_path, trainable=_trainable(cfg.to_dict(), name, parent_run_id),
+    tuner = tune.Tuner.restore(files.tune_path, trainable=_trainable(cfg, name, parent_run_id),
                                resume_unfinished=True, resume_errored=True)
     print(f"resuming sweep {name} from {files.location}")
     return _fit(tuner, cfg, name, parent_run_id, files)
