@@ -57,14 +57,23 @@ def test_two_objective_sweep_pareto_and_static_constraint(ray_session, workdir):
 
 def test_firing_rate_rule_stops_a_saturated_network(ray_session, workdir):
     # a rate band no real network satisfies: the rule must fire after `patience` validations
+    # and the searcher tells Optuna the trial was infeasible (a dead network), not merely pruned
+    import optuna
+
     cfg = tiny_config(workdir, optim={"epochs": 4}, snn={"val_batches": 1})
-    cfg["sweep"] = {"stop_on": {"firing_rate": {"low": 0.0, "high": 1e-6, "patience": 2}}}
-    res = api.train(cfg)
+    cfg["sweep"] = {"stop_on": {"firing_rate": {"low": 0.0, "high": 1e-6, "patience": 2}}, "num_samples": 1,
+                    "scheduler": {"name": "none"}, "space": {"model.neuron.tau": {"uniform": [1.5, 3.0]}}}
+    res = api.sweep(cfg, name="dead")
     c = MlflowClient(cfg["tracking"]["uri"])
-    run = c.get_run(res.run_id)
+    run = c.get_run(res.best_run_id)
     assert run.data.tags["qksweep.stopped_by"] == "firing_rate" and run.info.status == "KILLED"
     assert "firing rate" in run.data.tags["qksweep.stop_reason"]
-    assert sorted(m.step for m in c.get_metric_history(res.run_id, "epoch")) == [1, 2]
+    assert sorted(m.step for m in c.get_metric_history(res.best_run_id, "epoch")) == [1, 2]
+    assert run.data.tags["qksweep.neuron"] == "lif" and 1.5 <= float(run.data.params["model.neuron.tau"]) <= 3.0
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{Path(cfg['run']['storage']) / 'dead' / 'optuna.db'}")
+    (t,) = study.trials
+    assert t.state == optuna.trial.TrialState.PRUNED and t.constraints["firing_rate"] > 0
+    assert sorted(t.intermediate_values) == [1, 2]
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "nsga2", "cmaes", "gp"])

@@ -29,14 +29,23 @@ def check_tracking_uri(uri: str) -> None:
         raise ConfigError("tracking.uri: MLflow 3 refuses the plain file store; use sqlite:///mlflow.db or an mlflow server")
 
 
+def check_model(cfg: Config) -> None:
+    """The model request (name, shapes, ``model.neuron``) through the registry, without building it."""
+    from .models import ModelArgError, check_model_args
+
+    try:
+        check_model_args(cfg.model.name, num_classes=known_num_classes(cfg.data) or 10, in_chans=3,
+                         img_size=cfg.data.img_size, **cfg.model.overrides())
+    except ModelArgError as e:
+        raise ConfigError(f"config: {e}") from None
+
+
 def check_config(cfg: Config) -> Config:
     """Everything that can be checked before Ray or MLflow is touched: model shapes, data folders,
     optimizer and scheduler names, the tracking URI."""
     from timm.optim import list_optimizers
 
     from .data import DataError, check_data
-    from .models import ModelArgError, check_model_args
-
     from .storage import check_uri
 
     check_tracking_uri(cfg.tracking.uri)
@@ -45,11 +54,7 @@ def check_config(cfg: Config) -> Config:
         check_data(cfg.data)
     except DataError as e:
         raise ConfigError(f"config: {e}") from None
-    try:
-        check_model_args(cfg.model.name, num_classes=known_num_classes(cfg.data) or 10, in_chans=3,
-                         img_size=cfg.data.img_size, **cfg.model.overrides())
-    except ModelArgError as e:
-        raise ConfigError(f"config: {e}") from None
+    check_model(cfg)
     opts = list_optimizers()
     if cfg.optim.name.lower() not in opts:
         raise ConfigError(f"config: optim.name '{cfg.optim.name}' is not a timm optimizer{suggest(cfg.optim.name, opts)}")
@@ -163,6 +168,20 @@ def check_space_validity(base: Config, specs: list[ParamSpec]) -> None:
             point = ", ".join(f"{k}={v}" for k, v in sample.items())
             hint = "" if "model.head_dim" in sample else " (parametrise the width as model.num_heads × model.head_dim to make every sample valid)"
             raise ConfigError(f"sweep.space can sample an invalid model at {point}: {str(e).removeprefix('config: ')}{hint}") from None
+    # the neuron keys together: every corner of their box (a reset at one key's bound must stay below a
+    # threshold at another's), checked with the model (neuron keys on a ViT, attention thresholds on a ResNet)
+    neuron = [s for s in specs if s.key.startswith("model.neuron.")]
+    levels = ("model.neuron.v_reset", "model.neuron.v_threshold", "model.neuron.attn_v_threshold")
+    box = [s for s in neuron if s.key in levels]
+    points = [dict(zip((s.key for s in box), c)) for c in itertools.product(
+        *[(s.values() or [s.args[0], s.args[1]]) for s in box])]
+    points = [p for p in points if p] + [{s.key: v} for s in neuron for v in (s.values() or [s.args[0], s.args[1]])]
+    for sample in points[:MAX_COMBINATIONS]:
+        try:
+            check_model(apply_sample(base_dict, sample))
+        except ConfigError as e:
+            point = ", ".join(f"{k}={v}" for k, v in sample.items())
+            raise ConfigError(f"sweep.space can sample invalid neurons at {point}: {str(e).removeprefix('config: ')}") from None
     # the non-shape keys: one sample each at its bounds validates types and ranges
     for s in specs:
         if s.key in SHAPE_KEYS:

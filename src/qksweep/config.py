@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -25,6 +26,46 @@ class _Section(BaseModel):
 
 
 
+#: the neuron types of ``model.neuron.type`` (SpikingJelly 2.0 ``activation_based.neuron`` classes that
+#: train with surrogate gradients and drop into every SNN here: ``models/neurons.py`` maps them)
+NEURON_TYPES = ("lif", "if", "plif", "klif", "qif", "eif")
+#: SpikingJelly surrogate functions of ``model.neuron.surrogate`` (each takes one ``alpha``)
+SURROGATES = ("atan", "sigmoid", "erf", "piecewise_quadratic", "piecewise_exp", "soft_sign", "super_spike",
+              "rect", "q_pseudo_spike", "nonzero_sign_log_abs", "s2nn")
+
+
+class NeuronConfig(_Section):
+    """``model.neuron``: the spiking neurons of an SNN. Defaults are every SNN's own neurons (LIF, tau 2,
+    threshold 1, attention neurons at 0.5, hard reset to 0, detached reset); ``surrogate`` and
+    ``surrogate_alpha`` default to the model's (sigmoid/4 for the QKFormers, atan/2 for the zoo)."""
+
+    type: str = "lif"
+    tau: float = Field(default=2.0, gt=1)  # membrane time constant (plif: its initial value); decay 1/tau
+    v_threshold: float = Field(default=1.0, gt=0)
+    attn_v_threshold: float = Field(default=0.5, gt=0)  # the attention neurons (attn_lif) of the transformers
+    v_reset: float | None = 0.0  # null: soft reset (the threshold is subtracted)
+    detach_reset: bool = True
+    decay_input: bool = True  # leaky types: the input is divided by tau too
+    surrogate: str | None = None
+    surrogate_alpha: float | None = Field(default=None, gt=0)
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, v: str) -> str:
+        if v not in NEURON_TYPES:
+            raise ValueError(f"unknown neuron type {v!r}: choose one of {', '.join(NEURON_TYPES)}"
+                             f"{suggest(v, list(NEURON_TYPES))}")
+        return v
+
+    @field_validator("surrogate")
+    @classmethod
+    def _known_surrogate(cls, v: str | None) -> str | None:
+        if v is not None and v not in SURROGATES:
+            raise ValueError(f"unknown surrogate {v!r}: choose one of {', '.join(SURROGATES)}"
+                             f"{suggest(v, list(SURROGATES))}")
+        return v
+
+
 class ModelConfig(_Section):
     name: str = "qkformer_cifar"
     embed_dim: int | None = Field(default=None, gt=0)
@@ -37,6 +78,7 @@ class ModelConfig(_Section):
     drop_rate: float = Field(default=0.0, ge=0, lt=1)
     qka_type: Literal["token", "channel"] | None = None
     pretrained: bool = False
+    neuron: NeuronConfig | None = None  # spiking models only (models/neurons.py)
 
     def overrides(self) -> dict[str, Any]:
         """The keyword overrides passed to ``models.create_model`` (None values dropped)."""
@@ -358,9 +400,9 @@ def _known_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
     for name, field in model.model_fields.items():
         full = f"{prefix}{name}"
         keys.append(full)
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys.extend(_known_keys(ann, full + "."))
+        for ann in typing.get_args(field.annotation) or (field.annotation,):  # X | None: its section X
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                keys.extend(_known_keys(ann, full + "."))
     return keys
 
 

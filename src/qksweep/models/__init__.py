@@ -51,6 +51,7 @@ __all__ = [
     "list_models",
     "model_info",
     "register_model",
+    "run_neuron_params",
 ]
 
 
@@ -69,3 +70,11 @@ def default_spectral_targets(model_name: str) -> list[str]:
     if model_name.startswith("spikformer"):
         return list(SPIKFORMER_SPECTRAL_TARGETS)
     return []
+
+
+def run_neuron_params(model_cfg) -> tuple[dict, dict]:
+    """The resolved ``model.neuron.*`` params and the ``qksweep.neuron`` tag of a run of ``model_cfg``
+    (a ``ModelConfig``); empty for a ViT."""
+    from . import neurons
+
+    return neurons.run_neuron_params(model_cfg.neuron, model_info(model_cfg.name).neurons)

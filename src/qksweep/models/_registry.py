@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Protocol
 import torch.nn as nn
 from pydantic import ValidationError
 
-from ..config import ModelConfig
+from ..config import ModelConfig, NeuronConfig
 
 __all__ = [
     "OVERRIDE_KEYS",
@@ -57,6 +57,9 @@ class ModelInfo:
     supported_overrides: tuple[str, ...]
     #: the model's defaults for the supported keys (and ``img_size``); may be partial
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    #: spiking models: their own neurons' surrogate, its alpha and whether they have attention neurons
+    #: (``neurons.model_neurons``); ``model.neuron`` is refused where this is None
+    neurons: Optional[Mapping[str, Any]] = None
 
 
 CheckFn = Callable[[str, dict, frozenset], None]
@@ -96,6 +99,7 @@ def register_model(
     overrides: Optional[Iterable[str]] = None,
     defaults: Optional[Mapping[str, Any]] = None,
     check: Optional[CheckFn] = None,
+    neurons: Optional[Mapping[str, Any]] = None,
 ):
     """Register a model factory, usable bare (``@register_model``) or with options.
 
@@ -129,6 +133,7 @@ def register_model(
             is_spiking=(family == "snn") if is_spiking is None else is_spiking,
             supported_overrides=keys,
             defaults=MappingProxyType(dflt),
+            neurons=MappingProxyType(dict(neurons)) if neurons is not None else None,
         )
         _ENTRIES[model_name] = _Entry(info=info, build=f, check=check)
         return f
@@ -208,6 +213,9 @@ def _resolve(
                 f"unknown override 'model.{key}' for {name}{hint} (known: {', '.join(OVERRIDE_KEYS)})"
             )
         value = _check_type(name, key, value)
+        if key == "neuron":
+            given[key] = _check_neuron(name, info, value)
+            continue
         if key not in supported:
             if key == "pretrained" and value is False:
                 continue  # 'no pretrained weights' is what every model does anyway
@@ -227,6 +235,22 @@ def _resolve(
     if img_size is not None:
         marks.add("img_size")
     return entry, args, frozenset(marks)
+
+
+def _check_neuron(name: str, info: ModelInfo, value: Any) -> Any:
+    if info.neurons is None:
+        raise ModelArgError(f"model.neuron is for spiking models; {name} has no spiking neurons: remove model.neuron")
+    if not info.neurons["attention"] and value.attn_v_threshold != NeuronConfig().attn_v_threshold:
+        raise ModelArgError(f"model.neuron.attn_v_threshold={value.attn_v_threshold!r}: {name} has no attention "
+                            f"neurons; remove it (model.neuron.v_threshold sets every neuron of {name})")
+    thresholds = {"v_threshold": value.v_threshold}
+    if info.neurons["attention"]:
+        thresholds["attn_v_threshold"] = value.attn_v_threshold
+    if value.v_reset is not None and value.v_reset >= min(thresholds.values()):
+        shown = ", ".join(f"{k} {v}" for k, v in thresholds.items())
+        raise ModelArgError(f"model.neuron.v_reset={value.v_reset} must be below the firing threshold ({shown}) "
+                            f"of {name}, or null for a soft reset")
+    return value
 
 
 def check_model_args(
@@ -262,9 +286,14 @@ def create_model(
     if not entry.pass_defaults:
         keep = set(given) | {"num_classes", "in_chans"}
         args = {k: v for k, v in args.items() if k in keep}
+    settings = args.pop("neuron", None)
     model = entry.build(**args)
     if not hasattr(model, "is_spiking"):
         model.is_spiking = entry.info.is_spiking
+    if entry.info.neurons is not None:
+        from .neurons import apply_neurons
+
+        apply_neurons(model, settings, entry.info.neurons)
     return model
 
 

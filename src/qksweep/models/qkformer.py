@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from spikingjelly.activation_based.model.qkformer import QKFormer
 
 from ._registry import ModelArgError, fmt_arg, register_model
+from .neurons import model_neurons
 
 #: module-name substrings selecting the 1x1 convs of Q-K / self attention and MLPs in
 #: every QKFormer here (``qkformer_10_*`` and ``qkformer_cifar``).  Q/K (resp. Q/K/V)
@@ -140,4 +141,5 @@ for _dim, _heads in ((384, 6), (512, 8), (768, 12)):
         defaults=dict(time_steps=4, embed_dim=_dim, num_heads=_heads, depth=10,
                       mlp_ratio=4.0, qka_type="token", img_size=224),
         check=_check_qkformer10,
+        neurons=model_neurons("sigmoid", 4.0, attention=True),  # LIFNode's own Sigmoid(alpha=4)
     )

@@ -37,6 +37,7 @@ from spikingjelly.activation_based.layer.attention import QKAttention, SpikingSe
 from timm.layers import DropPath
 
 from ._registry import ModelArgError, fmt_arg, register_model
+from .neurons import model_neurons
 from .qkformer import check_qkformer_common
 
 __all__ = ["QKFormerCIFAR", "qkformer_cifar"]
@@ -220,7 +221,7 @@ def _check(name: str, args: dict, given: frozenset) -> None:
     )
 
 
-@register_model(family="snn", check=_check)
+@register_model(family="snn", check=_check, neurons=model_neurons("sigmoid", 4.0, attention=True))
 def qkformer_cifar(
     *,
     num_classes: int,

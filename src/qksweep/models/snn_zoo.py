@@ -27,6 +27,7 @@ from spikingjelly.activation_based.model import sew_resnet, spiking_resnet
 from spikingjelly.activation_based.model.spikformer import Spikformer
 
 from ._registry import ModelArgError, fmt_arg, register_model
+from .neurons import model_neurons
 
 #: Spikformer's Q/K/V and projection 1x1 Conv1d (fused, inside SeqToANNContainer) and its
 #: MLP convs (``mlp.fc1`` is a SeqToANNContainer(conv, bn) there, hence ``.0``).
@@ -84,7 +85,8 @@ def _zoo_names(module: Any, prefix: str) -> list[str]:
 
 for _mod, _prefix, _sew in ((spiking_resnet, "spiking_", False), (sew_resnet, "sew_", True)):
     for _n in _zoo_names(_mod, _prefix):
-        register_model(_resnet_builder(getattr(_mod, _n), _sew), name=_n, family="snn")
+        register_model(_resnet_builder(getattr(_mod, _n), _sew), name=_n, family="snn",
+                       neurons=model_neurons("atan", 2.0, attention=False))
 
 
 # --------------------------------------------------------------------------- Spikformer
@@ -153,4 +155,5 @@ for _n, _cfg in _SPIKFORMERS.items():
         overrides=("time_steps", "embed_dim", "num_heads", "depth", "mlp_ratio", "patch_size"),
         defaults=dict(_cfg, time_steps=4, mlp_ratio=4.0),
         check=_check_spikformer,
+        neurons=model_neurons("atan", 2.0, attention=True),
     )

@@ -10,12 +10,13 @@ from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, HyperBandSchedule
                                  TrialScheduler)
 from ray.tune.search.optuna import OptunaSearch
 
-from ..config import Config
+from ..config import Bound, Config
 from ..search_spaces import ParamSpec, make_define_by_run
 
 log = logging.getLogger("qksweep.searcher")
 
 TUNE_TRIAL_ATTR = "tune_trial_id"  # user attribute of each Optuna trial: its Tune trial id
+DEAD_CONSTRAINT = "firing_rate"  # the Optuna constraint a trial stopped by sweep.stop_on.firing_rate violates
 
 
 def make_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
@@ -65,10 +66,12 @@ class HonestOptunaSearch(OptunaSearch):
     as PRUNED: TPE then ranks it by its last intermediate value at that step, below the complete ones.
     """
 
-    def __init__(self, *args, max_epochs: int, constraints: dict | None = None, **kwargs):
+    def __init__(self, *args, max_epochs: int, constraints: dict | None = None, dead: Any = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self._max_epochs = max_epochs
         self._constraints = constraints or {}
+        self._dead = dead  # sweep.stop_on.firing_rate: the band outside which a network counts as dead
         self._last_epoch: dict[str, int] = {}
         self._reported_epoch: dict[str, int] = {}  # last step told to Optuna per trial
 
@@ -127,11 +130,25 @@ class HonestOptunaSearch(OptunaSearch):
             self.on_trial_result(trial_id, result)  # Tune hands the result that stopped a trial only here
         epoch = int((result or {}).get("epoch", self._last_epoch.get(trial_id, 0)))
         stopped_early = not error and result is not None and epoch < self._max_epochs
+        dead = self.dead_violation(result or {}) if not error else None
         try:
             for key, value in zip(self._constraints, self.constraint_values(result or {})):
                 ot_trial.set_constraint(key, value)
             ot_trial.set_user_attr("epochs", epoch)
             ot_trial.set_user_attr("stopped_early", stopped_early)
+            if dead is not None:
+                # a dead network is infeasible, not merely pruned: TPE ranks it below every feasible trial,
+                # NSGA-II's constrained domination below every feasible one (it reads COMPLETE trials only,
+                # so a multi-objective trial is told with its last values)
+                ot_trial.set_constraint(DEAD_CONSTRAINT, dead)
+                ot_trial.set_user_attr("stopped_by", "firing_rate")
+                if isinstance(self.metric, list):
+                    values = [float(result[m]) for m in self.metric]
+                    self._ot_study.tell(ot_trial, values)
+                else:
+                    self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+                self._completed_trials.add(trial_id)
+                return
             if stopped_early:
                 # Value recorded with its fidelity as a user attr; the state says it did not finish.
                 self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
@@ -141,6 +158,15 @@ class HonestOptunaSearch(OptunaSearch):
             log.warning("Optuna did not take trial %s's end as qksweep tells it (%s); Ray's OptunaSearch tells it instead",
                         trial_id, str(e).splitlines()[0] if str(e) else type(e).__name__)
         super().on_trial_complete(trial_id, result, error)
+
+    def dead_violation(self, result: dict) -> float | None:
+        """How far a trial the firing-rate rule stopped was outside the band (> 0), or None."""
+        if self._dead is None or result.get("stopped_by") != "firing_rate":
+            return None
+        rate = result.get("snn/firing_rate")
+        band = Bound(min=self._dead.low, max=self._dead.high)
+        gap = band.violation(float(rate)) if isinstance(rate, (int, float)) else 1.0
+        return max(gap, 1e-6)  # the rule fired, so the trial is infeasible however close the last rate was
 
     def constraint_values(self, result: dict) -> list[float]:
         """One value per constraint, > 0 when violated; a trial rejected before launch (static
@@ -186,6 +212,7 @@ def make_searcher(cfg: Config, specs: list[ParamSpec], storage: "optuna.storages
         study_name="qksweep",
         max_epochs=cfg.optim.epochs,
         constraints=dict(cfg.sweep.constraints),
+        dead=cfg.sweep.stop_on.firing_rate,
     )
 
 

@@ -37,11 +37,18 @@ def mask_config(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def run_params(cfg: Config) -> dict[str, Any]:
-    """Flattened config for a run's MLflow params (the sweep section is the parent's business)."""
+def run_params(cfg: Config, resolved: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Flattened config for a run's MLflow params (the sweep section is the parent's business);
+    ``resolved`` (e.g. the model's resolved ``model.neuron.*`` settings) replaces the keys under its prefixes."""
     d = mask_config(cfg.to_dict())
     d.pop("sweep", None)
-    return flatten(d)
+    d["model"] = {k: v for k, v in d["model"].items() if not (k == "neuron" and v is None)}
+    out = flatten(d)
+    if resolved:
+        prefixes = {k.rsplit(".", 1)[0] for k in resolved}
+        out = {k: v for k, v in out.items() if not any(k.startswith(p + ".") for p in prefixes)}
+        out.update(resolved)
+    return out
 
 
 def config_file(cfg: Config) -> dict[str, str]:

@@ -10,6 +10,16 @@ from typing import Any
 from ray.tune.integration.ray_train import TuneReportCallback
 
 
+def tune_result(static: dict[str, float], metrics: dict[str, Any]) -> dict[str, Any]:
+    """What Tune sees of an epoch: the public metrics (no ``_``-keys: per-update spectra go to MLflow
+    only), the trial's static figures, and ``stopped_by`` when a rule of the loop ended the trial (the
+    searcher tells Optuna a dead network, ``firing_rate``, as infeasible)."""
+    out = {**static, **{k: v for k, v in metrics.items() if not k.startswith("_")}}
+    if metrics.get("_stopped_by"):
+        out["stopped_by"] = str(metrics["_stopped_by"])
+    return out
+
+
 class PublicTuneReport(TuneReportCallback):
     """TuneReportCallback without the private ``_``-keys (per-update spectra go to MLflow only), plus
     the trial's static figures (``params_m``, ``act_mem_gb`` when constrained) in every result, so
@@ -20,7 +30,7 @@ class PublicTuneReport(TuneReportCallback):
         self.static = dict(static or {})
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        clean = [{**self.static, **{k: v for k, v in m.items() if not k.startswith("_")}} for m in metrics]
+        clean = [tune_result(self.static, m) for m in metrics]
         super().after_report(run_context, clean, checkpoint)
 
 

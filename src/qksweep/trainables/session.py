@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from .report import tune_result
+
 
 @dataclass
 class Session:
@@ -94,6 +96,6 @@ class TuneSession:
         import ray.tune
 
         self._full = metrics
-        public = {**self.static, **{k: v for k, v in metrics.items() if not k.startswith("_")}}
+        public = tune_result(self.static, metrics)
         tune_ckpt = ray.tune.Checkpoint(checkpoint.path) if checkpoint is not None else None
         ray.tune.report(public, checkpoint=tune_ckpt)

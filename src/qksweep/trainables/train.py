@@ -61,8 +61,12 @@ def run_training(cfg: Config, *, run_name: str | None = None, tags: dict[str, st
     probe(cfg.run.storage)  # a missing or unreachable bucket: one line, before the MLflow run
     run: TrackedRun | None = None
     if cfg.tracking.enabled:
+        from ..models import run_neuron_params
+
+        neuron_params, neuron_tags = run_neuron_params(cfg.model)
         run = open_run(cfg.tracking.uri, cfg.experiment, {runs.KIND: "train", runs.RUN_NAME: name}, run_name=name,
-                       params=run_params(cfg), folder=run_dir(cfg, name), tags=tags, files=config_file(cfg))
+                       params=run_params(cfg, neuron_params), folder=run_dir(cfg, name),
+                       tags={**neuron_tags, **(tags or {})}, files=config_file(cfg))
     ensure_ray()
     trainer = make_trainer(cfg, run_name=name, run_id=run and run.run_id, resume_from=resume_from)
     try:

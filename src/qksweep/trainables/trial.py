@@ -107,9 +107,12 @@ def fit_in_trial(cfg, run: TrackedRun | None, name: str, label: str):
 def _trial_run(cfg, sweep: str, trial_id: str, sample: dict[str, Any], parent_run_id: str | None,
                name: str) -> TrackedRun:
     """The trial's MLflow run, found by its tags or created with its params, tags and config."""
-    params = run_params(cfg)
+    from ..models import run_neuron_params
+
+    neuron_params, neuron_tags = run_neuron_params(cfg.model)
+    params = run_params(cfg, neuron_params)
     params.update({k: v for k, v in sample.items() if k not in params})  # derived keys, e.g. model.head_dim
-    tags = {**trial_tags(sweep, trial_id, parent_run_id), "qksweep.searched": json.dumps(sorted(sample)),
+    tags = {**trial_tags(sweep, trial_id, parent_run_id), **neuron_tags, "qksweep.searched": json.dumps(sorted(sample)),
             "qksweep.metric": cfg.sweep.metrics[0], "qksweep.mode": cfg.sweep.modes[0],
             "qksweep.objectives": json.dumps(dict(zip(cfg.sweep.metrics, cfg.sweep.modes)))}
     return open_run(cfg.tracking.uri, cfg.experiment, {runs.KIND: "trial", runs.SWEEP: sweep, runs.TRIAL: trial_id},
