@@ -111,3 +111,27 @@ def test_searcher_name_random_is_random_search(workdir):
     assert isinstance(make_sampler(Config.model_validate(cfg)), optuna.samplers.RandomSampler)
     cfg["sweep"]["searcher"] = {"name": "optuna", "seed": 3}
     assert isinstance(make_sampler(Config.model_validate(cfg)), optuna.samplers.TPESampler)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "gp"])
+def test_n_startup_trials_hands_over_to_the_model_sooner(workdir, sampler):
+    # same seed: the random start-up trials agree, then the model-guided trial departs from Optuna's default
+    import optuna
+
+    from qksweep.config import Config
+    from qksweep.orchestrator.searcher import make_sampler
+
+    def first_three(**searcher):
+        cfg = tiny_config(workdir)
+        cfg["sweep"] = {"searcher": {"sampler": sampler, "seed": 0, **searcher},
+                        "space": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}}
+        study = optuna.create_study(sampler=make_sampler(Config.model_validate(cfg)), direction="maximize")
+        xs = []
+        for _ in range(3):
+            t = study.ask()
+            xs.append(t.suggest_float("x", 0.0, 1.0))
+            study.tell(t, -(xs[-1] - 0.3) ** 2)
+        return xs
+
+    short, default = first_three(n_startup_trials=2), first_three()
+    assert short[:2] == default[:2] and short[2] != default[2]

@@ -278,6 +278,8 @@ class SearcherConfig(_Section):
     name: Literal["optuna", "random"] = "optuna"
     sampler: Literal["tpe", "random", "cmaes", "gp", "nsga2"] = "tpe"
     seed: int = 0
+    # tpe / gp: random trials before the model guides sampling (null: Optuna's default, 10)
+    n_startup_trials: int | None = Field(default=None, gt=0)
 
 
 class SchedulerConfig(_Section):

@@ -25,14 +25,15 @@ def make_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
     # constraints reach TPE/NSGA-II through Trial.set_constraint (Optuna 5), see HonestOptunaSearch
     if s.sampler == "random" or s.name == "random":  # `searcher: {name: random}` is random search too
         return optuna.samplers.RandomSampler(seed=s.seed)
+    startup = {"n_startup_trials": s.n_startup_trials} if s.n_startup_trials else {}
     if s.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True)
+        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True, **startup)
     if s.sampler == "nsga2":
         return PicklableNSGAIISampler(seed=s.seed)
     if s.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=s.seed, warn_independent_sampling=False)
     if s.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=s.seed)
+        return optuna.samplers.GPSampler(seed=s.seed, **startup)
     raise AssertionError(s.sampler)
 
 
