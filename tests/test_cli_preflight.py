@@ -290,6 +290,18 @@ def test_every_option_refuses_its_bad_values(path, dest, bad, place, capsys):
     assert any(n and n in err for n in names), f"the line names neither the option nor the value: {err!r}"
 
 
+def test_parsing_reads_no_file_so_entrypoints_for_other_machines_parse():
+    """Paths are checked by the pre-flight, not by argparse: the entrypoint of a Ray job or a KubeRay
+    manifest names a config on the cluster, and tests parse it here."""
+    args = cli.build_parser().parse_args(["sweep", "/home/ray/qksweep/sweep.yaml", "--name", "s1"])
+    assert args.config == "/home/ray/qksweep/sweep.yaml"
+    from qksweep.cli_checks import check_paths
+    from qksweep.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"qksweep sweep: argument config: /home/ray/qksweep/sweep.yaml does not exist"):
+        check_paths(args, cli.build_parser())
+
+
 def test_a_bad_subcommand_is_one_line(place, capsys):
     cwd, _ = place
     before = {p.name for p in cwd.iterdir()}

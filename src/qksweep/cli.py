@@ -148,10 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("QKSWEEP_DEBUG") == "1"
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
         from .cli_checks import preflight
 
-        preflight(args)  # what the command line names is checked before Ray, MLflow or the storage is touched
+        preflight(args, parser)  # what the command line names is checked before Ray, MLflow or the storage is touched
         return args.func(args)
     except KeyboardInterrupt as e:
         print(f"qksweep: {e or 'interrupted'}", file=sys.stderr)

@@ -5,11 +5,13 @@ checked here before Ray, MLflow or the storage is touched. Config-level checks s
 Two kinds:
 
 * **argparse types** (``type=`` of an option): the shape of one value — a port, a count, a number of
-  seconds, a path of the right kind, a URL that parses. A bad value is argparse's one line naming the
-  option (``qksweep ui: argument --port: ...``), exit 2.
+  seconds, a URL that parses. A bad value is argparse's one line naming the option
+  (``qksweep ui: argument --port: ...``), exit 2. Parsing opens nothing and reads no file: a Ray job's
+  or a KubeRay manifest's entrypoint, parsed here, names paths on another machine.
 * **pre-flight** (:func:`preflight`, run by ``cli.main`` after parsing, before the command): what needs
-  the network or several options at once — the tracking server answers, a port is free where ``ui``
-  binds it, the paths and sweep names of ``flush`` exist, a bucket answers.
+  the filesystem, the network or several options at once — each path is of its option's kind
+  (:class:`PathArg`, same one-line form as argparse's), the tracking server answers, a port is free
+  where ``ui`` binds it, ``flush``'s targets exist, a bucket answers.
 
 Every message is one line that names what is wrong and how to fix it.
 """
@@ -21,6 +23,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 # ---------------------------------------------------------------- argparse types
 
@@ -110,24 +113,42 @@ def _path_text(text: str) -> Path:
     return Path(text).expanduser()
 
 
-@_typed("existing file")
-def existing_file(text: str) -> str:
+class PathArg(str):
+    """A path option's value. argparse checks only its shape; whether it exists and is of the right kind
+    is :func:`preflight`'s (``check``), so that parsing stays pure: an entrypoint parsed here (a Ray
+    job's, a KubeRay manifest's) names paths on another machine."""
+
+    check: "Callable[[str], None]"
+
+
+def _path_type(name: str, check):
+    @_typed(name)
+    def parse(text: str) -> str:
+        _path_text(text)
+        value = PathArg(text)
+        value.check = check
+        return value
+
+    parse.__doc__ = check.__doc__
+    return parse
+
+
+def _existing_file(text: str) -> None:
+    """An existing file."""
     p = _path_text(text)
     if not p.exists():
-        raise argparse.ArgumentTypeError(f"{text}: no such file")
+        raise argparse.ArgumentTypeError(f"{text} does not exist: give an existing file")
     if not p.is_file():
         raise argparse.ArgumentTypeError(f"{text} is not a file")
-    return text
 
 
-@_typed("existing folder")
-def existing_dir(text: str) -> str:
+def _existing_dir(text: str) -> None:
+    """An existing folder."""
     p = _path_text(text)
     if not p.exists():
-        raise argparse.ArgumentTypeError(f"{text}: no such folder")
+        raise argparse.ArgumentTypeError(f"{text} does not exist: give an existing folder")
     if not p.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is not a folder")
-    return text
 
 
 def _creatable(p: Path, text: str) -> None:
@@ -141,8 +162,7 @@ def _creatable(p: Path, text: str) -> None:
         raise argparse.ArgumentTypeError(f"{text}: cannot write in {parent}")
 
 
-@_typed("output folder")
-def output_dir(text: str) -> str:
+def _output_dir(text: str) -> None:
     """A folder to write into: an existing folder, or one that can be created."""
     p = _path_text(text)
     if p.exists():
@@ -150,19 +170,22 @@ def output_dir(text: str) -> str:
             raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
         if not os.access(p, os.W_OK):
             raise argparse.ArgumentTypeError(f"{text}: cannot write in this folder")
-        return text
+        return
     _creatable(p, text)
-    return text
 
 
-@_typed("output file")
-def output_file(text: str) -> str:
+def _output_file(text: str) -> None:
     """A file to write: not an existing folder, in a folder that exists or can be created."""
     p = _path_text(text)
     if p.is_dir() or str(text).endswith(("/", os.sep)):
         raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
     _creatable(p, text)
-    return text
+
+
+existing_file = _path_type("existing file", _existing_file)
+existing_dir = _path_type("existing folder", _existing_dir)
+output_dir = _path_type("output folder", _output_dir)
+output_file = _path_type("output file", _output_file)
 
 
 SWEEP_NAME_BAD = re.compile(r"[\s/\\?#%*:\x00-\x1f\x7f]")
@@ -233,8 +256,10 @@ def storage(text: str) -> str:
 @_typed("KEY=VALUE")
 def override(text: str) -> str:
     key, eq, _ = str(text).partition("=")
-    if not eq or not key.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE: e.g. -s optim.lr=3e-4")
+    if not eq:
+        raise argparse.ArgumentTypeError(f"{text!r} has no '=': use KEY=VALUE, e.g. -s optim.lr=3e-4")
+    if not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} names no key: use KEY=VALUE, e.g. -s optim.lr=3e-4")
     return text
 
 
@@ -300,11 +325,44 @@ def check_flush_targets(targets: list[str], storage_: str | None) -> None:
                           "give one of those (or --storage where the runs live)")
 
 
-def preflight(args) -> None:
+def _command_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The leaf subparser ``args`` was parsed by (``jobs list``, ``cluster template``, ``ui``...)."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            return parser
+        parser = subs[0].choices[getattr(args, subs[0].dest)]
+
+
+def check_paths(args, parser: argparse.ArgumentParser | None) -> None:
+    """Each path the command line names is of the kind its option asks for (``PathArg.check``); the
+    values become plain strings again. The line reads like argparse's: ``qksweep PROG: argument OPT: ...``."""
+    from .config import ConfigError
+
+    leaf = _command_parser(parser, args) if parser is not None else None
+    labels = {a.dest: "/".join(a.option_strings) or (a.metavar or a.dest) for a in (leaf._actions if leaf else [])}
+    prog = leaf.prog if leaf else "qksweep"
+    for dest, value in vars(args).items():
+        many = isinstance(value, list)
+        for v in value if many else [value]:
+            if isinstance(v, PathArg):
+                try:
+                    v.check(str(v))
+                except argparse.ArgumentTypeError as e:
+                    raise ConfigError(f"{prog}: argument {labels.get(dest, dest)}: {e}") from None
+        if many and any(isinstance(v, PathArg) for v in value):
+            setattr(args, dest, [str(v) for v in value])
+        elif isinstance(value, PathArg):
+            setattr(args, dest, str(value))
+
+
+def preflight(args, parser: argparse.ArgumentParser | None = None) -> None:
     """Everything a parsed command line can be refused for before the command runs (raises a one-line
-    ConfigError or UsageError, exit 2)."""
+    ConfigError or UsageError, exit 2). ``parser``: the one that parsed ``args``, to name options."""
     from .checks import check_tracking_server
     from .storage import is_uri, probe
+
+    check_paths(args, parser)
 
     uri, source = _given_tracking_uri(args)
     if uri:
@@ -314,10 +372,10 @@ def preflight(args) -> None:
         check_tracking_server(uri, what=source)
     command = getattr(args, "command", None)
     if command == "ui":
-        from .cli_browse import _uri
+        from .config import DEFAULT_TRACKING_URI
         from .tracking.ui import is_remote
 
-        if not is_remote(_uri(args)):  # an http(s) URI is a server already: ui starts nothing
+        if not is_remote(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI):  # an http(s) URI is a server already: ui starts nothing
             check_bind(args.host, args.port)
     if command == "flush":
         check_flush_targets(list(args.targets), args.storage)
