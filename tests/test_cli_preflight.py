@@ -405,6 +405,20 @@ def test_ui_port_out_of_range_or_taken_is_one_line_and_starts_no_server(place, c
     assert started == []
 
 
+def test_a_tracking_server_from_the_environment_is_probed_where_the_command_reads_mlflow(place, capsys, monkeypatch):
+    cwd, values = place
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{values['closed']}")
+    before = {p.name for p in cwd.iterdir()}
+    for argv in (["runs"], ["best", "s1"], ["continue", NO_RUN], ["validate", NO_RUN]):
+        rc = cli.main(argv)
+        err = capsys.readouterr().err
+        assert_refused(rc, err, cwd, before)
+        assert "MLFLOW_TRACKING_URI" in err and "connection refused" in err, (argv, err)
+    # a checkpoint path needs no MLflow: the variable is not probed (the path's own check answers)
+    rc = cli.main(["validate", values["missing"]])
+    assert rc == 2 and "MLFLOW_TRACKING_URI" not in capsys.readouterr().err
+
+
 def test_a_malformed_cluster_address_is_one_line(place, capsys):
     cwd, values = place
     before = {p.name for p in cwd.iterdir()}

@@ -276,11 +276,22 @@ def nonempty(text: str) -> str:
 READS_MLFLOW = ("runs", "best", "continue")
 
 
+RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")  # an MLflow run id (tools.source.RUN_ID_RE, without importing torch)
+
+
+def _reads_mlflow(args) -> bool:
+    """The command will ask MLflow: always (runs, best, continue), or for a SOURCE that is a run id."""
+    if getattr(args, "command", None) in READS_MLFLOW:
+        return True
+    source = getattr(args, "source", None)
+    return bool(source and RUN_ID_RE.match(source) and not Path(source).exists())
+
+
 def _given_tracking_uri(args) -> tuple[str | None, str]:
     uri = getattr(args, "tracking_uri", None)
     if uri:
         return uri, "--tracking-uri"
-    if getattr(args, "command", None) in READS_MLFLOW and os.environ.get("MLFLOW_TRACKING_URI"):
+    if _reads_mlflow(args) and os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
     return None, ""
 
