@@ -62,8 +62,15 @@ def sweep(config: "str | Path | dict[str, Any] | Config", overrides: list[str] |
 def resume(name_or_path: str, *, storage: str | None = None):
     """Continue an interrupted sweep where it stopped (unfinished and errored trials resume). MLflow
     records its trials kept while the server was away are sent first (see :func:`flush_mlflow`)."""
-    from .orchestrator.sweep import resume_sweep
+    from .checks import check_reachable
+    from .orchestrator.sweep import find_sweep, resume_sweep, stored_config
 
+    import json
+
+    from .storage import STATE_FILE
+
+    files = find_sweep(name_or_path, storage)  # no such sweep: one line, before anything is sent or started
+    check_reachable(stored_config(json.loads((files.local / STATE_FILE).read_text())))
     flush_mlflow(name_or_path, storage=storage, wait_s=10, quiet=True)
     return resume_sweep(name_or_path, storage=storage)
 
@@ -101,9 +108,11 @@ def continue_trial(run_id: str, *, epochs: int | None = None, overrides: list[st
     from .tracking.runs import mask_secrets
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    from .checks import check_tracking_uri
+    from .checks import check_ray_address, check_tracking_server, check_tracking_uri
 
     check_tracking_uri(uri)
+    check_ray_address()
+    check_tracking_server(uri, what="tracking URI")
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         raise ConfigError(f"no MLflow store at {uri}: pass --tracking-uri")
     import mlflow.artifacts

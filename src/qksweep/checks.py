@@ -40,6 +40,168 @@ def check_model(cfg: Config) -> None:
         raise ConfigError(f"config: {e}") from None
 
 
+PROBE_TIMEOUT_S = 3.0
+
+
+def _bounded(fn, timeout: float):
+    """``fn()`` in a daemon thread, waited for at most ``timeout`` s: a name lookup that hangs (no
+    resolver answer) cannot hold a command longer than its probe. Returns fn's error, or None."""
+    import threading
+
+    box: list[BaseException | None] = [TimeoutError(f"no answer within {timeout:g} s")]
+
+    def run() -> None:
+        try:
+            fn()
+            box[0] = None
+        except BaseException as e:  # noqa: BLE001 - handed back to the caller, who words it
+            box[0] = e
+
+    t = threading.Thread(target=run, daemon=True, name="qksweep-probe")
+    t.start()
+    t.join(timeout)
+    return box[0]
+
+
+def _why(e: BaseException, timeout: float) -> str:
+    import socket
+
+    reason = getattr(e, "reason", e)
+    if isinstance(reason, (socket.timeout, TimeoutError)) or "timed out" in str(reason):
+        return f"no answer within {timeout:g} s"
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, socket.gaierror):
+        return "unknown host"
+    text = str(reason).splitlines()[0] if str(reason) else type(reason).__name__
+    return text[:160]
+
+
+def _url_parts(uri: str, what: str, example: str):
+    """(scheme, host, port) of an http(s) URL, or a one-line ConfigError."""
+    from urllib.parse import urlsplit
+
+    from .tracking.runs import mask_secrets
+
+    shown = mask_secrets(uri)
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in uri):
+        raise ConfigError(f"{what} '{shown}' contains white space or control characters: use {example}")
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"{what} '{shown}' is not a valid URL ({e}): use {example}") from None
+    if not parts.hostname:
+        raise ConfigError(f"{what} '{shown}' names no host: use {example}")
+    return parts.scheme.lower(), parts.hostname, port
+
+
+def _mlflow_headers() -> dict[str, str]:
+    """The credentials MLflow's own client would send (its environment variables)."""
+    import base64
+    import os
+
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {}
+
+
+def check_tracking_server(uri: str, *, what: str = "tracking.uri", timeout: float = PROBE_TIMEOUT_S) -> None:
+    """An ``http(s)://`` tracking URI must answer like an MLflow server within ``timeout`` seconds (one GET
+    of ``/api/2.0/mlflow/experiments/search``), before anything is logged or Ray starts; other schemes
+    are left to :func:`check_tracking_uri`. A server that answers 5xx is there: MLflow's own retries
+    take it from there. ``what`` names where the URI came from (``tracking.uri``, ``--tracking-uri``)."""
+    import json
+    import os
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from .tracking.runs import mask_secrets
+
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    example = "http://HOST:PORT of an `mlflow server`"
+    scheme, _, _ = _url_parts(uri, what, example)
+    shown = mask_secrets(uri)
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    ctx = None
+    if scheme == "https":
+        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+            ctx = ssl._create_unverified_context()  # noqa: S323 - what MLflow does when told so
+        else:
+            ctx = ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None)
+    answer: dict = {}
+
+    def get() -> None:
+        req = urllib.request.Request(url, headers=_mlflow_headers())
+        with urllib.request.urlopen(req, timeout=timeout, context=ctx) as r:  # noqa: S310 - http(s) only
+            answer["body"] = r.read(65536)
+
+    err = _bounded(get, timeout + 1.0)
+    fix = f"start it (`mlflow server --host 127.0.0.1 --port PORT`) or fix {what}"
+    if isinstance(err, urllib.error.HTTPError):
+        if err.code in (401, 403):
+            raise ConfigError(f"the MLflow server at {shown} refused the request (HTTP {err.code}): set "
+                              "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+        if err.code >= 500:
+            return
+        raise ConfigError(f"{what} {shown} answered HTTP {err.code} to MLflow's API: not an MLflow tracking server; "
+                          "check its host, port and path")
+    if err is not None:
+        raise ConfigError(f"{what} {shown}: no MLflow server answers there ({_why(err, timeout)}); {fix}")
+    try:
+        body = json.loads(answer["body"] or b"{}")
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise ConfigError(f"{what} {shown} did not answer like an MLflow tracking server; check its host, port and path")
+
+
+def check_ray_address(address: str | None = None, *, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """The Ray cluster a run joins (``address`` or ``RAY_ADDRESS``: ``HOST:PORT`` of its GCS, or
+    ``ray://HOST:PORT``) must accept a connection within ``timeout`` seconds. Nothing to check without
+    one (a local Ray is started), for ``auto`` (Ray looks for a local cluster), or when this process is
+    already connected."""
+    import os
+    import socket
+
+    a = (address or os.environ.get("RAY_ADDRESS") or "").strip()
+    if not a or a in ("auto", "local"):
+        return
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return
+    except ImportError:  # pragma: no cover - ray is a dependency
+        pass
+    src = "RAY_ADDRESS" if not address else "the Ray address"
+    example = "HEAD:6379 (the cluster's GCS), or unset RAY_ADDRESS to start a local Ray"
+    scheme = a.split("://", 1)[0].lower() if "://" in a else ""
+    if scheme not in ("", "ray"):
+        raise ConfigError(f"{src}={a}: a run joins a cluster by its GCS address; use {example} "
+                          "(http://HEAD:8265 is the dashboard, for qksweep submit --address)")
+    _, host, port = _url_parts(a if scheme else f"ray://{a}", src, example)
+    if port is None:
+        raise ConfigError(f"{src}={a} gives no port: use {example}")
+    err = _bounded(lambda: socket.create_connection((host, port), timeout=timeout).close(), timeout + 1.0)
+    if err is not None:
+        raise ConfigError(f"{src}={a}: nothing answers at {host}:{port} ({_why(err, timeout)}); start the cluster "
+                          "(`ray start --head`) or unset RAY_ADDRESS to run on a local Ray")
+
+
+def check_reachable(cfg: Config) -> None:
+    """What a run joins, before it starts Ray or logs anything: the Ray cluster and the tracking server
+    (the bucket of ``run.storage`` is probed by :func:`qksweep.storage.probe`)."""
+    check_ray_address()
+    if cfg.tracking.enabled:
+        check_tracking_server(cfg.tracking.uri)
+
+
 def check_config(cfg: Config) -> Config:
     """Everything that can be checked before Ray or MLflow is touched: model shapes, data folders,
     optimizer and scheduler names, the tracking URI."""

@@ -17,13 +17,21 @@ class UsageError(ValueError):
     """Bad command-line input (exit 2)."""
 
 
+def one_line(text: object) -> str:
+    """An error message as the one line it is meant to be: a value the user typed with a newline or
+    another control character in it is shown escaped (``\\n``), not as a second line."""
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in str(text))
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, like every other bad input
         raise UsageError(f"{self.prog}: {message}")
 
 
 def add_overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-s", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    from .cli_checks import override
+
+    p.add_argument("-s", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", type=override,
                    help="override a config key, e.g. -s optim.lr=3e-4 (repeatable)")
 
 
@@ -75,28 +83,30 @@ def cmd_continue(args) -> int:
 
 
 def register_core(sub) -> None:
+    from .cli_checks import existing_file, nonempty, positive_int, storage, sweep_name, tracking_uri
+
     t = sub.add_parser("train", help="one training run through Ray Train, logged to MLflow")
-    t.add_argument("config", help="YAML config, e.g. configs/digits_qkformer.yaml")
+    t.add_argument("config", type=existing_file, help="YAML config, e.g. configs/digits_qkformer.yaml")
     add_overrides(t)
     t.set_defaults(func=cmd_train)
 
     sw = sub.add_parser("sweep", help="a Tune sweep (Optuna + ASHA), one MLflow child run per trial")
-    sw.add_argument("config")
+    sw.add_argument("config", type=existing_file)
     add_overrides(sw)
-    sw.add_argument("--name", help="sweep name (default: <experiment>-<date>-<time>)")
-    sw.add_argument("--num-samples", type=int, help="number of trials (overrides sweep.num_samples)")
+    sw.add_argument("--name", type=sweep_name, help="sweep name (default: <experiment>-<date>-<time>)")
+    sw.add_argument("--num-samples", type=positive_int, help="number of trials (overrides sweep.num_samples)")
     sw.set_defaults(func=cmd_sweep)
 
     r = sub.add_parser("resume", help="continue an interrupted sweep where it stopped")
-    r.add_argument("sweep", help="sweep name (under --storage), its directory, or its URI (s3://BUCKET/PREFIX/NAME)")
-    r.add_argument("--storage", help="the run.storage the sweep used: a path or an s3:// / gs:// URI "
+    r.add_argument("sweep", type=nonempty, help="sweep name (under --storage), its directory, or its URI (s3://BUCKET/PREFIX/NAME)")
+    r.add_argument("--storage", type=storage, help="the run.storage the sweep used: a path or an s3:// / gs:// URI "
                                      "(default ./qksweep_results)")
     r.set_defaults(func=cmd_resume)
 
     c = sub.add_parser("continue", help="train a finished trial further from its checkpoint, as a new MLflow run")
-    c.add_argument("run_id", help="MLflow run id of a trial or train run")
-    c.add_argument("--epochs", type=int, help="total epochs to train to (default: the run's optim.epochs)")
-    c.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    c.add_argument("run_id", type=nonempty, help="MLflow run id of a trial or train run")
+    c.add_argument("--epochs", type=positive_int, help="total epochs to train to (default: the run's optim.epochs)")
+    c.add_argument("--tracking-uri", type=tracking_uri, default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     add_overrides(c)
     c.set_defaults(func=cmd_continue)
 
@@ -117,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# OSErrors that name a path (the file or folder is missing, of the wrong kind, or not ours to touch): the
+# paths a command line names are checked before the command runs (cli_checks), so one of these left is a
+# path the check could not foresee (e.g. a folder root may write in by its mode but not in fact, like /proc)
+PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 def _bad_input_types() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .data import DataError
@@ -132,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("QKSWEEP_DEBUG") == "1"
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        from .cli_checks import preflight
+
+        preflight(args, parser)  # what the command line names is checked before Ray, MLflow or the storage is touched
         return args.func(args)
     except KeyboardInterrupt as e:
         print(f"qksweep: {e or 'interrupted'}", file=sys.stderr)
@@ -140,12 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help
         return int(e.code or 0)
     except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
-        from .trainables.train import JobFailed
+        from .config import ConfigError
 
         if debug:
             traceback.print_exc()
+        if isinstance(e, (ConfigError, UsageError)):  # before the classification below, which imports torch
+            print(f"qksweep: error: {one_line(e)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if isinstance(e, PATH_ERRORS) and e.filename:  # a path the user named that cannot be read or written
+            print(f"qksweep: error: {one_line(e.filename)}: {e.strerror or type(e).__name__}; check the path", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        from .trainables.train import JobFailed
+
         if isinstance(e, _bad_input_types()):
-            print(f"qksweep: error: {e}", file=sys.stderr)
+            print(f"qksweep: error: {one_line(e)}", file=sys.stderr)
             return EXIT_BAD_INPUT
         if isinstance(e, JobFailed):
             print(f"qksweep: {e}", file=sys.stderr)

@@ -80,8 +80,10 @@ def cmd_ui(args) -> int:
 
 
 def _add_uri(p) -> None:
-    p.add_argument("--tracking-uri", default=None, help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI or {DEFAULT_URI})")
-    p.add_argument("--experiment", default=None, help="MLflow experiment name (default: all)")
+    from .cli_checks import nonempty, tracking_uri
+
+    p.add_argument("--tracking-uri", type=tracking_uri, default=None, help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI or {DEFAULT_URI})")
+    p.add_argument("--experiment", type=nonempty, default=None, help="MLflow experiment name (default: all)")
 
 
 def cmd_flush(args) -> int:
@@ -92,20 +94,22 @@ def cmd_flush(args) -> int:
 
 
 def register(sub) -> None:
+    from .cli_checks import nonempty, nonneg_int, output_dir, port, seconds, storage, tracking_uri
+
     r = sub.add_parser("runs", help="one row per trial: status, searched params, metric, epochs, run id")
     _add_uri(r)
-    r.add_argument("--sweep", help="only this sweep's trials")
+    r.add_argument("--sweep", type=nonempty, help="only this sweep's trials")
     r.add_argument("--sweeps", action="store_true", help="list sweeps instead of trials")
-    r.add_argument("--sort", help="column or metric to sort by (best first for metrics; -name/+name forces order)")
-    r.add_argument("--limit", type=int)
+    r.add_argument("--sort", type=nonempty, help="column or metric to sort by (best first for metrics; -name/+name forces order)")
+    r.add_argument("--limit", type=nonneg_int)
     r.add_argument("--format", choices=["table", "json", "csv"], default="table")
     r.set_defaults(func=cmd_runs)
 
     b = sub.add_parser("best", help="the best trial of a sweep; --export writes config, checkpoint, metrics")
-    b.add_argument("sweep")
+    b.add_argument("sweep", type=nonempty)
     _add_uri(b)
-    b.add_argument("--metric", help="metric to rank by (default: the sweep's)")
-    b.add_argument("--export", metavar="DIR", help="write config.yaml, checkpoint/ and metrics.json here")
+    b.add_argument("--metric", type=nonempty, help="metric to rank by (default: the sweep's)")
+    b.add_argument("--export", metavar="DIR", type=output_dir, help="write config.yaml, checkpoint/ and metrics.json here")
     b.add_argument("--pareto", action="store_true", help="the Pareto front of a multi-objective sweep")
     b.add_argument("--format", choices=["table", "json"], default="table")
     b.set_defaults(func=cmd_best)
@@ -113,12 +117,12 @@ def register(sub) -> None:
     f = sub.add_parser("flush", help="send to MLflow what runs kept in their pending file while the server was away")
     f.add_argument("targets", nargs="*", help="pending files, run or sweep folders, or sweep names (default: all "
                                               "under --storage)")
-    f.add_argument("--storage", default=None, help=f"run.storage the sweeps live in (default {DEFAULT_STORAGE})")
-    f.add_argument("--wait", type=float, default=30, help="seconds to wait for the server per file (default 30)")
+    f.add_argument("--storage", type=storage, default=None, help=f"run.storage the sweeps live in (default {DEFAULT_STORAGE})")
+    f.add_argument("--wait", type=seconds, default=30, help="seconds to wait for the server per file (default 30)")
     f.set_defaults(func=cmd_flush)
 
     u = sub.add_parser("ui", help="start the MLflow UI for the tracking store on 127.0.0.1")
-    u.add_argument("--tracking-uri", default=None)
-    u.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
-    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--tracking-uri", type=tracking_uri, default=None)
+    u.add_argument("--host", type=nonempty, default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
+    u.add_argument("--port", type=port, default=5000, help="port to listen on, 1-65535, free (default 5000)")
     u.set_defaults(func=cmd_ui)

@@ -17,6 +17,7 @@ def _one_line_errors(fn):
 
     @functools.wraps(fn)
     def run(args) -> int:
+        from .cli import one_line
         from .config import ConfigError
         from .tracking.runs import mask_secrets
         from .trainables.train import JobFailed
@@ -29,7 +30,7 @@ def _one_line_errors(fn):
 
                 traceback.print_exc()
             bad_input = isinstance(e, ConfigError)
-            print(f"qksweep: {'error: ' if bad_input else ''}{mask_secrets(str(e))}", file=sys.stderr)
+            print(f"qksweep: {'error: ' if bad_input else ''}{one_line(mask_secrets(str(e)))}", file=sys.stderr)
             return 2 if bad_input else 1
 
     return run
@@ -149,21 +150,24 @@ def cmd_template(args) -> int:
 
 
 def _add_address(p) -> None:
-    p.add_argument("--address", default=None, help=ADDRESS_HELP)
+    from .cli_checks import ray_dashboard
+
+    p.add_argument("--address", type=ray_dashboard, default=None, help=ADDRESS_HELP)
 
 
 def register(sub) -> None:
     from .cli import add_overrides
+    from .cli_checks import existing_dir, existing_file, nonempty, nonneg_int, output_file, positive_int, seconds, sweep_name
 
     s = sub.add_parser("submit", help="run a sweep on a Ray cluster through Ray Jobs")
-    s.add_argument("config", help="YAML sweep config (checked here, sent as the job's working_dir)")
+    s.add_argument("config", type=existing_file, help="YAML sweep config (checked here, sent as the job's working_dir)")
     _add_address(s)
     add_overrides(s)
-    s.add_argument("--name", help="sweep name (default: <experiment>-<date>-<time>)")
-    s.add_argument("--num-samples", type=int, help="number of trials (overrides sweep.num_samples)")
-    s.add_argument("--resume", metavar="NAME", help="continue the interrupted sweep NAME on the cluster instead")
+    s.add_argument("--name", type=sweep_name, help="sweep name (default: <experiment>-<date>-<time>)")
+    s.add_argument("--num-samples", type=positive_int, help="number of trials (overrides sweep.num_samples)")
+    s.add_argument("--resume", metavar="NAME", type=sweep_name, help="continue the interrupted sweep NAME on the cluster instead")
     s.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 0 if it SUCCEEDED, else 1")
-    s.add_argument("--working-dir", default=None,
+    s.add_argument("--working-dir", type=existing_dir, default=None,
                    help="also ship this project folder (results, MLflow stores, data, .venv, .git excluded)")
     s.set_defaults(func=cmd_submit)
 
@@ -172,32 +176,32 @@ def register(sub) -> None:
     jl = jsub.add_parser("list", help="one row per job: id, status, sweep, start/end, entrypoint")
     _add_address(jl)
     jl.add_argument("--format", choices=["table", "json"], default="table")
-    jl.add_argument("--width", type=int, default=48, help="entrypoint column width (default 48)")
+    jl.add_argument("--width", type=positive_int, default=48, help="entrypoint column width (default 48)")
     jl.set_defaults(func=cmd_jobs_list)
     js = jsub.add_parser("status", help="a job's status, entrypoint, times and message")
-    js.add_argument("id", help="submission id (see qksweep jobs list)")
+    js.add_argument("id", type=nonempty, help="submission id (see qksweep jobs list)")
     _add_address(js)
     js.add_argument("--format", choices=["table", "json"], default="table")
     js.set_defaults(func=cmd_jobs_status)
     jg = jsub.add_parser("logs", help="a job's output (--follow: until it ends; exit 0 if it SUCCEEDED, else 1)")
-    jg.add_argument("id")
+    jg.add_argument("id", type=nonempty)
     _add_address(jg)
     jg.add_argument("--follow", "-f", action="store_true")
     jg.set_defaults(func=cmd_jobs_logs)
     jt = jsub.add_parser("stop", help="stop a job (its trials end; resume it later with submit --resume)")
-    jt.add_argument("id")
+    jt.add_argument("id", type=nonempty)
     _add_address(jt)
-    jt.add_argument("--wait", type=float, default=60.0, help="seconds to wait for it to end (default 60; 0: don't)")
+    jt.add_argument("--wait", type=seconds, default=60.0, help="seconds to wait for it to end (default 60; 0: don't)")
     jt.set_defaults(func=cmd_jobs_stop)
 
     c = sub.add_parser("cluster", help="cluster templates")
     csub = c.add_subparsers(dest="cluster_command", required=True, parser_class=type(c))
     t = csub.add_parser("template", help="write a Ray cluster launcher YAML (aws, gcp) or a KubeRay RayJob manifest")
     t.add_argument("kind", choices=["aws", "gcp", "kuberay"])
-    t.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per worker node (default 8)")
-    t.add_argument("--max-workers", type=int, default=8, help="most GPU worker nodes (default 8)")
-    t.add_argument("--name", default="qksweep", help="cluster / RayJob name (default qksweep)")
-    t.add_argument("--image", default=None, help="container image with qksweep installed (kuberay)")
-    t.add_argument("--out", "-o", default=None, help="write here instead of printing")
+    t.add_argument("--gpus-per-node", type=positive_int, default=8, help="GPUs per worker node (default 8)")
+    t.add_argument("--max-workers", type=nonneg_int, default=8, help="most GPU worker nodes (default 8)")
+    t.add_argument("--name", type=nonempty, default="qksweep", help="cluster / RayJob name (default qksweep)")
+    t.add_argument("--image", type=nonempty, default=None, help="container image with qksweep installed (kuberay)")
+    t.add_argument("--out", "-o", type=output_file, default=None, help="write here instead of printing")
     t.add_argument("--force", action="store_true", help="overwrite --out")
     t.set_defaults(func=cmd_template)

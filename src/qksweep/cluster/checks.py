@@ -55,7 +55,13 @@ def normalize_address(address: str | None) -> str:
                           f"pass --address http://HEAD:{DASHBOARD_PORT}")
     if scheme not in ("http", "https"):
         raise ConfigError(f"address {mask_secrets(a)}: use http://HEAD:{DASHBOARD_PORT} (or https:// behind TLS)")
-    parts = urlsplit(a)
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in a):
+        raise ConfigError(f"address {mask_secrets(a)!r} contains white space or control characters: "
+                          f"pass --address http://HEAD:{DASHBOARD_PORT}")
+    try:
+        parts = urlsplit(a)
+    except ValueError as e:  # e.g. "Invalid IPv6 URL" for an unclosed [
+        raise ConfigError(f"address {mask_secrets(a)} is not a valid URL ({e}): pass --address http://HEAD:{DASHBOARD_PORT}") from None
     if not parts.hostname:
         raise ConfigError(f"address {mask_secrets(a)} names no host: pass --address http://HEAD:{DASHBOARD_PORT}")
     try:

@@ -89,7 +89,7 @@ def probe(address: str, timeout: float = PROBE_TIMEOUT_S) -> str:
         if e.code == 404:  # Ray before token auth: no such endpoint, no token either
             return "disabled"
         raise ConfigError(f"{where} answered HTTP {e.code} to a probe; is this a Ray dashboard? {fix}") from None
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, ValueError) as e:  # ValueError: http.client.InvalidURL
         reason = getattr(e, "reason", e)
         if isinstance(reason, (socket.timeout, TimeoutError)) or "timed out" in str(reason):
             why = f"no answer within {timeout:g} s"
@@ -125,10 +125,10 @@ BAD_TOKEN = ("the cluster at {a} refused this machine's Ray auth token (from RAY
 def connect(address: str | None, *, quiet: bool = False):
     """A ``JobSubmissionClient`` for ``address`` (or ``RAY_ADDRESS``), after the probe."""
     a = resolve_address(address)
+    mode = probe(a)  # first: an address that does not answer is one line, with no warning before it
     if not quiet:
         for w in security_warnings(a):
             warn(w)
-    mode = probe(a)
     headers: dict[str, str] = {}
     if mode == "token":
         headers = auth_headers()

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from ..checks import check_sweep
+from ..checks import check_reachable, check_sweep
 from ..config import DEFAULT_STORAGE, Config, ConfigError, flatten
 from ..names import REPORTED_METRICS
 from ..search_spaces import ParamSpec, expand_space
@@ -144,6 +144,7 @@ def run_sweep(cfg: Config, *, name: str | None = None) -> SweepResult:
 
     specs = check_sweep(cfg)
     name = name or default_sweep_name(cfg)
+    check_reachable(cfg)  # a cluster or tracking server that does not answer: one line, before Ray or MLflow
     probe(cfg.run.storage)  # a bucket that is missing or unreachable: one line, before anything is written
     files = sweep_files(cfg, name)
     if files.exists():
