@@ -288,10 +288,13 @@ def check_search_algorithms(cfg: Config) -> None:
     """The scheduler and sampler fit the metrics and the epochs (``orchestrator.searcher`` builds them
     from a config that passed here)."""
     s, multi = cfg.sweep.scheduler, len(cfg.sweep.metrics) > 1
+    if s.name == "moasha" and not multi:
+        raise ConfigError("sweep.scheduler.name 'moasha' ranks trials on several metrics; give sweep.metric as a list "
+                          "(e.g. [val/top1, snn/energy_mj]) or use asha for one metric")
     if s.name != "none":
-        if multi:
+        if multi and s.name != "moasha":
             raise ConfigError(f"sweep.scheduler.name '{s.name}' stops trials on one metric; with several sweep.metric "
-                              "entries set sweep.scheduler.name: none")
+                              "entries use moasha (multi-objective ASHA) or none")
         max_t = s.max_t or cfg.optim.epochs
         if s.grace_period > max_t:
             raise ConfigError(f"sweep.scheduler.grace_period={s.grace_period} exceeds max_t={max_t} (optim.epochs): lower it")

@@ -283,7 +283,7 @@ class SearcherConfig(_Section):
 
 
 class SchedulerConfig(_Section):
-    name: Literal["asha", "none", "hyperband", "median"] = "asha"
+    name: Literal["asha", "none", "hyperband", "median", "moasha"] = "asha"  # moasha: several metrics
     grace_period: int = Field(default=1, gt=0)
     reduction_factor: float = Field(default=3, gt=1)
     max_t: int | None = Field(default=None, gt=0)

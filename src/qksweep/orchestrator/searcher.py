@@ -228,6 +228,11 @@ def make_scheduler(cfg: Config) -> TrialScheduler:
         return ASHAScheduler(max_t=max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor, **common)
     if s.name == "hyperband":
         return HyperBandScheduler(max_t=max_t, reduction_factor=s.reduction_factor, **common)
+    if s.name == "moasha":
+        from .moasha import MOASHAScheduler
+
+        return MOASHAScheduler(metrics=cfg.sweep.metrics, modes=cfg.sweep.modes, max_t=max_t,
+                               grace_period=s.grace_period, reduction_factor=s.reduction_factor)
     if s.name == "median":
         return MedianStoppingRule(grace_period=s.grace_period, min_samples_required=3, **common)
     raise AssertionError(s.name)

@@ -122,6 +122,11 @@ def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: 
         callbacks.append(SweepTracker(cfg.tracking.uri, cfg.experiment, name, parent_run_id, epochs=cfg.optim.epochs,
                                       scheduler=cfg.sweep.scheduler.name, optuna_storage=study_storage,
                                       constraints=dict(cfg.sweep.constraints)))
+    scheduler = make_scheduler(cfg)
+    from .moasha import RungRecords, keeps_rungs
+
+    if keeps_rungs(scheduler):  # Tune saves no scheduler state: ASHA's and MOASHA's rungs ride on a callback's
+        callbacks.append(RungRecords(scheduler))
     sync = None
     if files.remote:
         from .sync import SyncSweepFiles
@@ -132,7 +137,7 @@ def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: 
         sync = tune.SyncConfig(sync_period=30)
     return tune.Tuner(
         _trainable(cfg, name, parent_run_id),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(cfg), num_samples=cfg.sweep.num_samples,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.sweep.num_samples,
                                     max_concurrent_trials=concurrency, reuse_actors=False),
         run_config=_tune_run_config(cfg, name, callbacks, sync),
     )
