@@ -53,7 +53,7 @@ def check(tmp: Path, name: str, num_samples: int) -> dict:
     repeated = [r.data.tags.get("qksweep.trial_id") for r in trials
                 if len({m.step for m in c.get_metric_history(r.info.run_id, "epoch")})
                 != len(c.get_metric_history(r.info.run_id, "epoch"))]
-    study = optuna.load_study(study_name="qksweep", storage=f"sqlite:///{tmp / 'results' / name / 'optuna.db'}")
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp / 'results' / name / 'optuna.db'}")
     states = [t.state.name for t in study.trials]
     ok = (len(trials) == num_samples and not repeated and not [r for r in rs if r.info.status == "RUNNING"]
           and "RUNNING" not in states and states.count("COMPLETE") + states.count("PRUNED") == num_samples)

@@ -10,7 +10,6 @@ import pickle
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 from ray.tune.schedulers import TrialScheduler
 
 from qksweep import api

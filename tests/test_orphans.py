@@ -85,7 +85,7 @@ def test_kill_while_a_trial_is_made_then_resume_keeps_one_run_per_trial(ray_sess
     assert parents[0].info.status == "FINISHED" and res.best_trial_id
     assert len(res.trials) == 3
     assert len(api.results(name, tracking_uri=uri, experiment="test").trials) == 3  # what `qksweep runs --sweep` shows
-    study = optuna.load_study(study_name="qksweep", storage=f"sqlite:///{workdir / 'results' / name / 'optuna.db'}")
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{workdir / 'results' / name / 'optuna.db'}")
     states = [t.state.name for t in study.trials]
     assert "RUNNING" not in states and states.count("COMPLETE") == 3, states
     assert [t.user_attrs.get("orphaned") for t in study.trials if t.state.name == "FAIL"] == [True], states

@@ -49,7 +49,7 @@ def test_two_objective_sweep_pareto_and_static_constraint(ray_session, workdir):
     import optuna
 
     db = Path(cfg["run"]["storage"]) / "pareto" / "optuna.db"
-    study = optuna.load_study(study_name="qksweep", storage=f"sqlite:///{db}")
+    study = optuna.load_study(study_name="pareto", storage=f"sqlite:///{db}")
     assert len(study.trials) == 4 and study.metric_names == ["val/top1", "snn/energy_mj"]
     for t in study.trials:
         assert (t.constraints["params_m"] <= 0) == (t.params["model.head_dim"] == 4), (t.params, t.constraints)

@@ -229,7 +229,7 @@ def test_sweep_in_s3_resume_elsewhere_export_and_continue(s3, ray_session, workd
     fs, path = filesystem(join(storage, "s3sw", "optuna.db"))
     with fs.open_input_stream(path) as f:
         down.write_bytes(f.read())
-    assert len(optuna.load_study(study_name="qksweep", storage=f"sqlite:///{down}").trials) == 2
+    assert len(optuna.load_study(study_name="s3sw", storage=f"sqlite:///{down}").trials) == 2
 
     # a trial's checkpoint loads straight from the bucket
     state, config = load_checkpoint(Checkpoint(join(storage, ckpts[0].split("/", 1)[1].rsplit("/", 1)[0])).to_directory())

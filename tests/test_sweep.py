@@ -78,9 +78,12 @@ def test_four_trial_sweep_parent_children_asha_and_continue(ray_session, workdir
     assert {"config.yaml", "search_space.yaml", "results.csv"} <= arts
 
     # Optuna hears the truth: stopped trials are PRUNED, not COMPLETE with a truncated score
-    study = optuna.load_study(study_name="qksweep", storage=f"sqlite:///{workdir / 'results' / 'four' / 'optuna.db'}")
+    # the study is named after the sweep, and each of its trials names its Tune trial and MLflow run
+    study = optuna.load_study(study_name="four", storage=f"sqlite:///{workdir / 'results' / 'four' / 'optuna.db'}")
     states = sorted(t.state.name for t in study.trials)
     assert states.count("PRUNED") == len(stopped) and len(study.trials) == 4
+    by_trial = {r.data.tags["qksweep.trial_id"]: r.info.run_id for r in trials}
+    assert {t.user_attrs["tune_trial_id"]: t.user_attrs["mlflow_run_id"] for t in study.trials} == by_trial
 
     # the API's best trial is the one the CLI prints
     out = run_cli("best", "four", "--tracking-uri", uri, "--format", "json", cwd=workdir, timeout=120)
@@ -159,7 +162,7 @@ def test_killed_driver_then_resume_finishes_each_trial_once(ray_session, workdir
         assert sorted(steps) == [1, 2, 3, 4], f"no repeated or missing epoch: {steps}"
         assert t.info.status == "FINISHED"
     assert parents[0].info.status == "FINISHED" and res.best_trial_id
-    study = optuna.load_study(study_name="qksweep", storage=f"sqlite:///{workdir / 'results' / 'killme' / 'optuna.db'}")
+    study = optuna.load_study(study_name="killme", storage=f"sqlite:///{workdir / 'results' / 'killme' / 'optuna.db'}")
     finished = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(finished) == 3
 

@@ -180,8 +180,18 @@ class RunConfig(_Section):
                          f"got {v!r}")
 
 
+def default_tracking_uri() -> str:
+    """``tracking.uri`` when neither ``-s tracking.uri=...`` nor the config file sets it: the MLflow
+    convention ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``. Read once, when the config is
+    built in the driver; workers get the resolved value with the config."""
+    import os
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
 class TrackingConfig(_Section):
-    uri: str = DEFAULT_TRACKING_URI
+    # precedence: -s tracking.uri / the config file, then $MLFLOW_TRACKING_URI, then sqlite:///mlflow.db
+    uri: str = Field(default_factory=default_tracking_uri)
     enabled: bool = True
 
 

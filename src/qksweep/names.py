@@ -15,6 +15,9 @@ LR, SAMPLES_PER_S, EPOCH_TIME_S = "lr", "samples_per_s", "epoch_time_s"
 VAL_EMA_LOSS, VAL_EMA_TOP1, VAL_EMA_TOP5 = "val_ema/loss", "val_ema/top1", "val_ema/top5"
 SNN_ENERGY_MJ, SNN_SOPS, SNN_FIRING_RATE = "snn/energy_mj", "snn/sops", "snn/firing_rate"
 
+# in each Tune result of a sweep trial: its MLflow run, which the searcher records on the Optuna trial
+MLFLOW_RUN_ID = "mlflow_run_id"
+
 # every epoch's metrics a sweep may rank or stop on (per-layer and spectral families aside)
 REPORTED_METRICS = (EPOCH, STEP, TRAIN_LOSS, TRAIN_TOP1, VAL_LOSS, VAL_TOP1, VAL_TOP5, LR, SAMPLES_PER_S, EPOCH_TIME_S,
                     VAL_EMA_LOSS, VAL_EMA_TOP1, VAL_EMA_TOP5, SNN_ENERGY_MJ, SNN_SOPS, SNN_FIRING_RATE)

@@ -80,7 +80,7 @@ def close_orphans(cfg, sweep: str, tune_path: str, optuna_url: str) -> None:
     if not known:  # a state Tune can restore has at least one trial: reading it went wrong, touch nothing
         return
     closed = close_orphan_runs(cfg.tracking.uri, cfg.experiment, sweep, known) if cfg.tracking.enabled else []
-    failed = fail_study_trials(optuna.load_study(study_name="qksweep", storage=optuna_url), known)
+    failed = fail_study_trials(optuna.load_study(study_name=None, storage=optuna_url), known)
     if closed or failed:
         print(f"closed what the stopped driver left for {len(closed) or len(failed)} trial(s) it had started but "
               f"not yet recorded: MLflow run(s) of {', '.join(closed) or 'none'} (KILLED, qksweep.kind=orphan), "

@@ -11,6 +11,7 @@ from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, HyperBandSchedule
 from ray.tune.search.optuna import OptunaSearch
 
 from ..config import Bound, Config
+from ..names import MLFLOW_RUN_ID
 from ..search_spaces import ParamSpec, make_define_by_run
 
 log = logging.getLogger("qksweep.searcher")
@@ -105,6 +106,7 @@ class HonestOptunaSearch(OptunaSearch):
         epoch = result.get("epoch")
         if epoch is not None:
             self._last_epoch[trial_id] = int(epoch)
+        self._link_run(trial_id, result)
         if isinstance(self.metric, list) or trial_id in self._completed_trials or epoch is None:
             return
         ot_trial = self._ot_trials.get(trial_id)
@@ -118,6 +120,19 @@ class HonestOptunaSearch(OptunaSearch):
             self._reported_epoch[trial_id] = int(epoch)
         except (NotImplementedError, RuntimeError, ValueError) as e:  # intermediate values only feed pruned trials' ranking
             log.warning("Optuna did not take trial %s's epoch %s: %s", trial_id, epoch, e)
+
+    def _link_run(self, trial_id: str, result: dict) -> None:
+        """The trial's MLflow run id on its Optuna trial (from optuna-dashboard to the run), once."""
+        run_id = result.get(MLFLOW_RUN_ID)
+        ot_trial = self._ot_trials.get(trial_id)
+        linked = self.__dict__.setdefault("_linked", set())  # absent in a searcher pickled before it existed
+        if not run_id or ot_trial is None or trial_id in linked:
+            return
+        try:
+            ot_trial.set_user_attr(MLFLOW_RUN_ID, str(run_id))
+            linked.add(trial_id)
+        except Exception as e:  # noqa: BLE001 - a link for people; never fail the sweep for it
+            log.warning("could not record trial %s's MLflow run on its Optuna trial: %s", trial_id, e)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -201,8 +216,10 @@ def relocate_study(sweep: str, url: str) -> None:
     _RELOCATED[sweep] = url
 
 
-def make_searcher(cfg: Config, specs: list[ParamSpec], storage: "optuna.storages.BaseStorage | None"
-                  ) -> HonestOptunaSearch:
+def make_searcher(cfg: Config, specs: list[ParamSpec], storage: "optuna.storages.BaseStorage | None", *,
+                  study_name: str = "qksweep") -> HonestOptunaSearch:
+    """The sweep's searcher; its study is named after the sweep (one study per ``optuna.db``: readers
+    load it with ``study_name=None``, which also opens a sweep's from before, named ``qksweep``)."""
     metrics, modes = cfg.sweep.metrics, cfg.sweep.modes
     return HonestOptunaSearch(
         space=make_define_by_run(specs),
@@ -210,7 +227,7 @@ def make_searcher(cfg: Config, specs: list[ParamSpec], storage: "optuna.storages
         mode=modes if len(modes) > 1 else modes[0],
         sampler=make_sampler(cfg),
         storage=storage,
-        study_name="qksweep",
+        study_name=study_name,
         max_epochs=cfg.optim.epochs,
         constraints=dict(cfg.sweep.constraints),
         dead=cfg.sweep.stop_on.firing_rate,

@@ -108,7 +108,7 @@ def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: 
 
     # a storage object, not a URL: pickled into Tune's state, it follows the sweep to another machine
     study_storage = SweepStudyStorage(files.optuna_url, sweep=name)
-    searcher = make_searcher(cfg, specs, study_storage)
+    searcher = make_searcher(cfg, specs, study_storage, study_name=name)
     from ray.tune.logger import JsonLoggerCallback
 
     # each trial's result.json (one line per epoch): ResultGrid's trials table and best-epoch metrics read
@@ -164,7 +164,8 @@ def run_sweep(cfg: Config, *, name: str | None = None) -> SweepResult:
                                                       "concurrency": concurrency}, indent=1))
     files.upload()
     print(f"sweep {name}: {cfg.sweep.num_samples} trials, up to {concurrency} at a time, "
-          f"{cfg.sweep.searcher.sampler} + {cfg.sweep.scheduler.name}; storage {files.location}")
+          f"{cfg.sweep.searcher.sampler} + {cfg.sweep.scheduler.name}; storage {files.location}"
+          + (f"; MLflow {runs.mask_secrets(cfg.tracking.uri)}" if cfg.tracking.enabled else ""))
     tuner = _build_tuner(cfg, name, specs, parent_run_id, files, concurrency)
     return _fit(tuner, cfg, name, parent_run_id, files)
 
@@ -266,7 +267,7 @@ def _fit(tuner, cfg: Config, name: str, parent_run_id: str | None, files: SweepF
 
     from .orphans import fail_study_trials
 
-    study = optuna.load_study(study_name="qksweep", storage=files.optuna_url)
+    study = optuna.load_study(study_name=None, storage=files.optuna_url)
     if fail_study_trials(study):  # the sweep is complete: no Tune trial will tell a trial still RUNNING
         _final_upload(files)
     result = summarize(grid, cfg, name, parent_run_id, files.tune_path)

@@ -116,7 +116,7 @@ class SweepTracker(Callback):
             if self.optuna_storage:
                 import optuna
 
-                study = optuna.load_study(study_name="qksweep", storage=self.optuna_storage)
+                study = optuna.load_study(study_name=None, storage=self.optuna_storage)
             write_sweep_artifacts(self.uri, self.parent_run_id, study=study)
         except Exception as e:  # noqa: BLE001 - plots are a convenience; never fail the sweep for them
             log.warning("could not refresh the sweep's plots: %s", runs.mask_secrets(str(e))[:200])

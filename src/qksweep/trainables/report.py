@@ -10,7 +10,7 @@ from typing import Any
 from ray.tune.integration.ray_train import TuneReportCallback
 
 
-def tune_result(static: dict[str, float], metrics: dict[str, Any]) -> dict[str, Any]:
+def tune_result(static: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
     """What Tune sees of an epoch: the public metrics (no ``_``-keys: per-update spectra go to MLflow
     only), the trial's static figures, and ``stopped_by`` when a rule of the loop ended the trial (the
     searcher tells Optuna a dead network, ``firing_rate``, as infeasible)."""
@@ -25,7 +25,7 @@ class PublicTuneReport(TuneReportCallback):
     the trial's static figures (``params_m``, ``act_mem_gb`` when constrained) in every result, so
     that the searcher can tell Optuna a launched trial's constraint values."""
 
-    def __init__(self, static: dict[str, float] | None = None):
+    def __init__(self, static: dict[str, Any] | None = None):
         super().__init__()
         self.static = dict(static or {})
 

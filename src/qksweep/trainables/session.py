@@ -51,7 +51,7 @@ class TuneSession:
     the public metrics (no ``_``-keys) plus the trial's static figures."""
 
     gpus: float
-    static: dict[str, float] = field(default_factory=dict)
+    static: dict[str, Any] = field(default_factory=dict)
     after_persist: Callable[[dict[str, Any], Any], None] | None = None
     last_checkpoint: Any = None  # the last persisted checkpoint, for the run's close
     _full: dict[str, Any] | None = None

@@ -65,6 +65,8 @@ def run_training(cfg: Config, *, run_name: str | None = None, tags: dict[str, st
     if cfg.tracking.enabled:
         from ..models import run_neuron_params
 
+        print(f"train {name}: MLflow {runs.mask_secrets(cfg.tracking.uri)}, experiment {cfg.experiment}")
+
         neuron_params, neuron_tags = run_neuron_params(cfg.model)
         run = open_run(cfg.tracking.uri, cfg.experiment, {runs.KIND: "train", runs.RUN_NAME: name}, run_name=name,
                        params=run_params(cfg, neuron_params), folder=run_dir(cfg, name),

@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from ..kill_points import kill_point
+from ..names import MLFLOW_RUN_ID
 from ..search_spaces import apply_sample
 from ..storage import checkpoint_uri, run_dir, storage_root
 from ..tracking import pending, runs
@@ -74,7 +75,7 @@ def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, pa
 
 def fit_on_train(cfg, run: TrackedRun | None, name: str, label: str):
     """The trial as a Ray Train run; its epochs reach MLflow through the Train controller's callbacks."""
-    report = PublicTuneReport(static_values(cfg))
+    report = PublicTuneReport(result_static(cfg, run))
     guard = LastReportGuard()
     trainer = make_trainer(cfg, run_name=name, run_id=run and run.run_id, callbacks=[report], label=label)
     checkpoint = trainer.fit().checkpoint
@@ -97,7 +98,7 @@ def fit_in_trial(cfg, run: TrackedRun | None, name: str, label: str):
         logger = MLflowEpochLogger(cfg.tracking.uri, run.run_id, metric=cfg.sweep.metrics[0], mode=cfg.sweep.modes[0],
                                    epochs=cfg.optim.epochs, label=label, run_dir=run_dir(cfg, name))
         after = lambda metrics, checkpoint: logger.after_report(None, [metrics], checkpoint)  # noqa: E731
-    ts = TuneSession(gpus=cfg.run.gpus_per_worker, static=static_values(cfg), after_persist=after)
+    ts = TuneSession(gpus=cfg.run.gpus_per_worker, static=result_static(cfg, run), after_persist=after)
     session = ts.session()
     kill_point("train_run")
     train_loop(loop_config(cfg), session=session)
@@ -117,6 +118,15 @@ def _trial_run(cfg, sweep: str, trial_id: str, sample: dict[str, Any], parent_ru
             "qksweep.objectives": json.dumps(dict(zip(cfg.sweep.metrics, cfg.sweep.modes)))}
     return open_run(cfg.tracking.uri, cfg.experiment, {runs.KIND: "trial", runs.SWEEP: sweep, runs.TRIAL: trial_id},
                     run_name=name, params=params, folder=run_dir(cfg, name), tags=tags, files=config_file(cfg))
+
+
+def result_static(cfg, run: TrackedRun | None) -> dict[str, Any]:
+    """What every Tune result of the trial carries besides the epoch's metrics: the static constraint
+    values and the trial's MLflow run id (the searcher records it on the Optuna trial)."""
+    out: dict[str, Any] = dict(static_values(cfg))
+    if run is not None:
+        out[MLFLOW_RUN_ID] = run.run_id
+    return out
 
 
 def static_values(cfg) -> dict[str, float]:
