@@ -428,19 +428,17 @@ def test_a_malformed_cluster_address_is_one_line(place, capsys):
             assert_refused(cli.main(argv), capsys.readouterr().err, cwd, before)
 
 
-def test_ray_address_that_does_not_answer_is_refused_before_ray(place, capsys, monkeypatch):
+def test_ray_address_that_does_not_answer_is_refused_before_ray(place):
+    """In a fresh process, as a user runs it: inside this pytest process another test may already have
+    connected to the session's Ray, and a connected process keeps its cluster whatever RAY_ADDRESS says."""
     cwd, values = place
-    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{values['closed']}")
     before = {p.name for p in cwd.iterdir()}
-    rc = cli.main(["train", values["config"]])
-    err = capsys.readouterr().err
-    assert_refused(rc, err, cwd, before)
-    assert "RAY_ADDRESS" in err and "connection refused" in err, err
-    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
-    rc = cli.main(["train", values["config"]])
-    err = capsys.readouterr().err
-    assert_refused(rc, err, cwd, before)
-    assert "GCS" in err, err
+    r = run_cli("train", values["config"], cwd=cwd, timeout=120, env={"RAY_ADDRESS": f"127.0.0.1:{values['closed']}"})
+    assert_refused(r.returncode, r.stderr, cwd, before)
+    assert "RAY_ADDRESS" in r.stderr and "connection refused" in r.stderr, r.stderr
+    r = run_cli("train", values["config"], cwd=cwd, timeout=120, env={"RAY_ADDRESS": "http://127.0.0.1:8265"})
+    assert_refused(r.returncode, r.stderr, cwd, before)
+    assert "GCS" in r.stderr, r.stderr
 
 
 def test_flush_of_a_path_that_does_not_exist_is_bad_input_not_nothing_pending(place, capsys):
