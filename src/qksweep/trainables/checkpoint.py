@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,40 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(tuple(np_state))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk, a read-only folder): the trial fails with this
+    one line, which names the folder, and the sweep goes on. Not bad input (that is :class:`CheckpointError`)."""
+
+
+def write_error(e: OSError, *, epoch: int, where: str | Path | None) -> CheckpointWriteError:
+    """One line for a checkpoint write that failed: the epoch, the folder, the system's reason, the fix."""
+    text = str(e).strip()
+    reason = e.strerror or (text.splitlines()[0][:200] if text else type(e).__name__)
+    if "No space left" in text:
+        reason = "no space left on device"
+    elif "Read-only file system" in text:
+        reason = "read-only file system"
+    return CheckpointWriteError(f"the epoch {epoch} checkpoint could not be written to {where or 'its folder'} "
+                                f"({reason}): free space there or point run.storage at a writable place")
+
+
+def checkpoint_dirs(root: str | Path | None) -> set[str]:
+    """The checkpoint folders under a local ``root`` (none for a bucket or a folder not made yet)."""
+    if not root or not Path(root).is_dir():
+        return set()
+    return {str(p) for p in Path(root).glob("checkpoint_*") if p.is_dir()}
+
+
+def remove_partial(root: str | Path | None, before: set[str]) -> list[str]:
+    """Remove the checkpoint folders that appeared under ``root`` since ``before`` was taken (a copy that
+    failed half way), so that a full disk gets that space back for the trials after this one. The older,
+    complete checkpoints stay."""
+    gone = sorted(checkpoint_dirs(root) - before)
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any], config: dict[str, Any]) -> Path:

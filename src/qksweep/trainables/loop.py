@@ -24,7 +24,8 @@ from timm.utils import dispatch_clip_grad
 from ..names import (EPOCH, EPOCH_TIME_S, LR, SAMPLES_PER_S, STEP, TRAIN_LOSS, TRAIN_TOP1, VAL_LOSS, VAL_TOP1,
                      VAL_TOP5)
 from ..config import Config
-from .checkpoint import load_resumable, restore_training_state, save_checkpoint, training_state
+from .checkpoint import (checkpoint_dirs, load_resumable, remove_partial, restore_training_state, save_checkpoint,
+                         training_state, write_error)
 from .core import Core, all_max, all_sum, build_core, compile_model, maybe_reset, seed_everything
 from .extras import Extra, agree_stop, around_all, build_extras, publish_all
 from .session import Session, train_session
@@ -165,9 +166,18 @@ def report(core: Core, extras: list[Extra], s: Session, metrics: dict, *, epoch:
     state = training_state(core, extras, epoch=epoch + 1, updates=updates,
                            metrics={k: v for k, v in metrics.items() if k != "_replay"})
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(tmp, state, core.cfg.to_dict())
+        try:
+            save_checkpoint(tmp, state, core.cfg.to_dict())
+        except (OSError, RuntimeError) as e:  # torch.save on a full disk raises RuntimeError
+            raise write_error(e if isinstance(e, OSError) else OSError(str(e)), epoch=epoch + 1, where=tmp) from None
         for e in extras:
             e.after_checkpoint(Path(tmp), metrics)
         if last and (published := publish_all(extras, Path(tmp))):
             metrics["_publish"] = published
-        s.report(metrics, ray.train.Checkpoint.from_directory(tmp))
+        root = s.checkpoint_root()
+        before = checkpoint_dirs(root)
+        try:
+            s.report(metrics, ray.train.Checkpoint.from_directory(tmp))
+        except OSError as e:  # persisting into run.storage: a full disk, a read-only folder
+            remove_partial(root, before)
+            raise write_error(e, epoch=epoch + 1, where=root) from None  # the line names the reason

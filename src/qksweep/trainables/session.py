@@ -27,6 +27,25 @@ class Session:
     get_checkpoint: Callable[[], Any]
     report: Callable[[dict[str, Any], Any], None]  # (metrics, ray.train.Checkpoint or None)
     ray_train: bool = True  # DataLoaders are prepared by Ray Train (sampler, device transfer)
+    checkpoint_root: Callable[[], str | None] = lambda: None  # the folder reports persist checkpoints into
+
+
+def _train_checkpoint_root() -> str | None:
+    import ray.train
+
+    try:
+        return ray.train.get_context().get_storage().experiment_fs_path
+    except Exception:  # noqa: BLE001 - only used to name the folder and to clear a half-written copy
+        return None
+
+
+def _tune_checkpoint_root() -> str | None:
+    import ray.tune
+
+    try:
+        return ray.tune.get_context().get_storage().trial_fs_path  # in run.storage (get_trial_dir is Ray's local copy)
+    except Exception:  # noqa: BLE001 - as above
+        return None
 
 
 def train_session() -> Session:
@@ -36,7 +55,8 @@ def train_session() -> Session:
     ctx = ray.train.get_context()
     return Session(rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=ray.train.torch.get_device(),
                    get_checkpoint=ray.train.get_checkpoint,
-                   report=lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint))
+                   report=lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
+                   checkpoint_root=_train_checkpoint_root)
 
 
 @dataclass
@@ -68,7 +88,7 @@ class TuneSession:
         device = torch.device("cuda", 0) if self.gpus and torch.cuda.is_available() else torch.device("cpu")
         self._hook()
         return Session(rank=0, world=1, device=device, get_checkpoint=ray.tune.get_checkpoint,
-                       report=self.report, ray_train=False)
+                       report=self.report, ray_train=False, checkpoint_root=_tune_checkpoint_root)
 
     def _hook(self) -> None:
         # Ray's own report (auto-filled metrics, checkpoint index, persistence, artifact sync) runs as it
