@@ -6,6 +6,7 @@ cannot mount a tmpfs (not root, no CAP_SYS_ADMIN)."""
 
 from __future__ import annotations
 
+import errno
 import subprocess
 from pathlib import Path
 
@@ -13,11 +14,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from qksweep import api
-from qksweep.trainables.checkpoint import load_checkpoint
+from qksweep.trainables.checkpoint import is_write_failure, load_checkpoint, remove_partial, write_error
 
 from .conftest import tiny_config
-
-pytestmark = pytest.mark.slow
 
 # qkformer_cifar at depth 2 on 8x8 digits: embed_dim 32 writes a ~0.3 MB checkpoint (weights and AdamW
 # state), 256 a ~16 MB one; 24 MB holds the sweep's own files, the small trials and one wide checkpoint
@@ -39,6 +38,7 @@ def small_disk(workdir):
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_fails_that_trial_in_one_line_and_the_sweep_goes_on(ray_session, workdir, small_disk):
     cfg = tiny_config(workdir, run={"max_failures": 0, "keep_checkpoints": 2}, optim={"epochs": 2})
     cfg["sweep"] = {"num_samples": 3, "max_concurrent": 1, "metric": "val/loss", "mode": "min",
@@ -70,3 +70,20 @@ def test_a_full_disk_fails_that_trial_in_one_line_and_the_sweep_goes_on(ray_sess
     state, _ = load_checkpoint(ckpts[0])
     assert state["epoch"] == 1
     assert Path(small_disk).stat().st_dev != Path(workdir).stat().st_dev  # the sweep really ran on the tmpfs
+
+
+def test_write_failures_are_told_apart_and_named_in_one_line(tmp_path):
+    full = OSError("[Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device")  # pyarrow's
+    ro = OSError(errno.EROFS, "Read-only file system")
+    for e, reason in ((full, "no space left on device"), (ro, "read-only file system")):
+        assert is_write_failure(e)
+        line = str(write_error(e, epoch=3, where=tmp_path))
+        assert line == (f"the epoch 3 checkpoint could not be written to {tmp_path} ({reason}): "
+                        "free space there or point run.storage at a writable place"), line
+    assert not is_write_failure(OSError(errno.ECONNREFUSED, "Connection refused"))  # not the storage: raised as is
+    (tmp_path / "checkpoint_000000").mkdir()
+    before = {str(tmp_path / "checkpoint_000000")}
+    (tmp_path / "checkpoint_000001").mkdir()
+    (tmp_path / "checkpoint_000001" / "checkpoint.pt").write_bytes(b"half")
+    assert remove_partial(tmp_path, before) == [str(tmp_path / "checkpoint_000001")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_000000"]

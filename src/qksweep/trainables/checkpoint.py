@@ -10,6 +10,7 @@ restart), then ``ema``, ``spectral``, ``stop_rule``, ``fr_rule``, ``prune_masks`
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import shutil
@@ -52,6 +53,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class CheckpointWriteError(OSError):
     """A checkpoint that could not be written (a full disk, a read-only folder): the trial fails with this
     one line, which names the folder, and the sweep goes on. Not bad input (that is :class:`CheckpointError`)."""
+
+
+# what a storage that cannot take a file says: full, over quota, read-only, refused, failing
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+WRITE_TEXTS = ("No space left", "Disk quota", "Read-only file system", "Permission denied", "File too large")
+
+
+def is_write_failure(e: OSError) -> bool:
+    """Whether ``e`` is the storage refusing a file (pyarrow's copy errors carry the errno in their text)."""
+    return e.errno in WRITE_ERRNOS or any(t in str(e) for t in WRITE_TEXTS)
 
 
 def write_error(e: OSError, *, epoch: int, where: str | Path | None) -> CheckpointWriteError:

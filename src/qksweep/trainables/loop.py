@@ -24,8 +24,8 @@ from timm.utils import dispatch_clip_grad
 from ..names import (EPOCH, EPOCH_TIME_S, LR, SAMPLES_PER_S, STEP, TRAIN_LOSS, TRAIN_TOP1, VAL_LOSS, VAL_TOP1,
                      VAL_TOP5)
 from ..config import Config
-from .checkpoint import (checkpoint_dirs, load_resumable, remove_partial, restore_training_state, save_checkpoint,
-                         training_state, write_error)
+from .checkpoint import (checkpoint_dirs, is_write_failure, load_resumable, remove_partial, restore_training_state,
+                         save_checkpoint, training_state, write_error)
 from .core import Core, all_max, all_sum, build_core, compile_model, maybe_reset, seed_everything
 from .extras import Extra, agree_stop, around_all, build_extras, publish_all
 from .session import Session, train_session
@@ -179,5 +179,7 @@ def report(core: Core, extras: list[Extra], s: Session, metrics: dict, *, epoch:
         try:
             s.report(metrics, ray.train.Checkpoint.from_directory(tmp))
         except OSError as e:  # persisting into run.storage: a full disk, a read-only folder
+            if not is_write_failure(e):  # anything else (the report's own plumbing) is not a lost checkpoint
+                raise
             remove_partial(root, before)
             raise write_error(e, epoch=epoch + 1, where=root) from None  # the line names the reason
