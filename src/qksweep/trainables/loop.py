@@ -168,8 +168,11 @@ def report(core: Core, extras: list[Extra], s: Session, metrics: dict, *, epoch:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             save_checkpoint(tmp, state, core.cfg.to_dict())
-        except (OSError, RuntimeError) as e:  # torch.save on a full disk raises RuntimeError
-            raise write_error(e if isinstance(e, OSError) else OSError(str(e)), epoch=epoch + 1, where=tmp) from None
+        except (OSError, RuntimeError) as e:  # torch.save on a full disk raises RuntimeError ("file write failed")
+            err = e if isinstance(e, OSError) else OSError(str(e))
+            if not (is_write_failure(err) or "write failed" in str(e)):
+                raise
+            raise write_error(err, epoch=epoch + 1, where=tmp) from None
         for e in extras:
             e.after_checkpoint(Path(tmp), metrics)
         if last and (published := publish_all(extras, Path(tmp))):
