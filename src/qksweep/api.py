@@ -117,9 +117,10 @@ def continue_trial(run_id: str, *, epochs: int | None = None, overrides: list[st
         raise ConfigError(f"no MLflow store at {uri}: pass --tracking-uri")
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    c = MlflowClient(uri)
+    from .tracking.runs import client
+
+    c = client(uri)
     try:
         run = c.get_run(run_id)
     except MlflowException:

@@ -204,16 +204,15 @@ def build_from_checkpoint(
 
 def _download_checkpoint(run_id: str, uri: str, which: str, dst: Path) -> tuple[Path, str] | None:
     """Returns (local checkpoint dir, artifact path), or None when the run is not in the store."""
-    from ..tracking.runs import mask_secrets
+    from ..tracking.runs import client, mask_secrets
 
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         return None  # never create an empty store just to look a run up
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     try:
-        MlflowClient(uri).get_run(run_id)
+        client(uri).get_run(run_id)
     except MlflowException:
         return None
     except Exception as e:  # noqa: BLE001 - unreachable server, bad URI

@@ -117,8 +117,38 @@ def _transient(e: Exception) -> bool:
     return True  # connection errors, OperationalError (database is locked), timeouts
 
 
+_OPENED: set[str] = set()
+
+
 def client(uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri)
+    """A client for ``uri``; the first one in a process on a SQLite store opens it under a file lock.
+
+    MLflow creates and migrates a new SQLite database on first use; two processes doing that at
+    once (two sweeps started together on a fresh ``mlflow.db``) race in alembic and one fails with
+    "Online migration expected to match one row". The lock makes the second wait for the first.
+    """
+    if not uri.startswith("sqlite:///") or uri in _OPENED:
+        return MlflowClient(tracking_uri=uri)
+    with _sqlite_open_lock(uri):  # MlflowClient() creates and migrates the database
+        c = MlflowClient(tracking_uri=uri)
+    _OPENED.add(uri)
+    return c
+
+
+@contextmanager
+def _sqlite_open_lock(uri: str):
+    import fcntl
+    import hashlib
+    import tempfile
+
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    key = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"qksweep-mlflow-{key}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def experiment_id(c: MlflowClient, name: str) -> str:
