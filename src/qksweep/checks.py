@@ -231,6 +231,9 @@ def check_config(cfg: Config) -> Config:
     if cfg.run.launcher == "tune" and cfg.run.workers > 1:
         raise ConfigError(f"config: run.launcher: tune trains one worker in the trial's own process, but "
                           f"run.workers={cfg.run.workers}: set run.launcher: train (or auto), or run.workers: 1")
+    if cfg.sweep.reuse_actors is True and cfg.trial_launcher() == "train":
+        raise ConfigError("config: sweep.reuse_actors: true reuses trial processes that train themselves, but these "
+                          "trials train on Ray Train (run.workers > 1 or run.launcher: train): remove the key or set it false")
     if cfg.run.gpus_per_worker > 0:
         check_gpus_available(cfg)
     if cfg.distill.enabled:

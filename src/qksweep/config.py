@@ -317,6 +317,10 @@ class SweepConfig(_Section):
     space: dict[str, Any] = Field(default_factory=dict)
     stop_on: StopOnConfig = Field(default_factory=StopOnConfig)
     constraints: dict[str, Bound] = Field(default_factory=dict)
+    # Tune's reuse_actors: a trial process that finished trains the next trial of the same resources
+    # instead of a fresh process importing Ray, torch and MLflow again. auto: on for trials that train
+    # in their own process (run.launcher tune), off for trials on Ray Train (nothing to reuse there)
+    reuse_actors: Union[Literal["auto"], bool] = "auto"
 
     @model_validator(mode="after")
     def _objectives_match(self) -> "SweepConfig":
@@ -395,6 +399,12 @@ class Config(_Section):
         if self.run.launcher != "auto":
             return self.run.launcher
         return "tune" if self.run.workers == 1 else "train"
+
+    def reuse_trial_actors(self) -> bool:
+        """Whether Tune hands a finished trial's process to the next trial (``sweep.reuse_actors``)."""
+        if self.sweep.reuse_actors == "auto":
+            return self.trial_launcher() == "tune"
+        return self.sweep.reuse_actors
 
     def loader_workers(self, in_memory: bool) -> int:
         """``data.num_workers`` as a count. ``auto``: one loader process per CPU the worker holds beyond

@@ -138,7 +138,7 @@ def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: 
     return tune.Tuner(
         _trainable(cfg, name, parent_run_id),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.sweep.num_samples,
-                                    max_concurrent_trials=concurrency, reuse_actors=False),
+                                    max_concurrent_trials=concurrency, reuse_actors=cfg.reuse_trial_actors()),
         run_config=_tune_run_config(cfg, name, callbacks, sync),
     )
 

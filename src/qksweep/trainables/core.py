@@ -204,6 +204,9 @@ class CompiledOrEager(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, mode: bool | str, spiking: bool):
         super().__init__()
         self.eager, self.spiking = model, spiking
+        # a reused trial process (sweep.reuse_actors) compiles one model per trial: start each from an
+        # empty cache so that Dynamo's recompile limit counts this model only, not the trials before it
+        torch.compiler.reset()
         self.compiled = torch.compile(model, mode=None if mode is True else mode)
         self.works: dict[bool, bool] = {}  # training flag -> whether the compiled forward ran
         self.train(model.training)
