@@ -74,7 +74,7 @@ KIND_BY_DEST = {
     "limit": "nonneg_int",
     "seed": "seed", "wait": "seconds", "val_ratio": "fraction",
     "run_id": "run_id", "source": "source", "sweep": "sweep_lookup", "experiment": "experiment",
-    "name": "sweep_name", "resume": "sweep_name",
+    "name": "sweep_name", "resume": "sweep_name", "warm_start": "sweep_lookup",
     "targets": "flush_target",
     "images": "existing_file", "image": "existing_file",
     "data_dir": "existing_dir", "working_dir": "existing_dir",

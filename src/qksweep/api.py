@@ -47,14 +47,19 @@ def train(config: "str | Path | dict[str, Any] | Config", overrides: list[str] |
 
 
 def sweep(config: "str | Path | dict[str, Any] | Config", overrides: list[str] | None = None, *,
-          name: str | None = None, num_samples: int | None = None, **kw: Any):
+          name: str | None = None, num_samples: int | None = None, warm_start: str | None = None, **kw: Any):
     """A Tune sweep (Optuna + ASHA by default) with an MLflow parent run and one child per trial.
+    ``warm_start``: an earlier sweep (name, folder or URI) whose trials seed the study (``sweep.warm_start``).
     Returns a :class:`~qksweep.orchestrator.sweep.SweepResult`."""
+    import json
+
     from .orchestrator.sweep import run_sweep
 
     extra = list(overrides or [])
     if num_samples is not None:
         extra.append(f"sweep.num_samples={num_samples}")
+    if warm_start is not None:
+        extra.append(f"sweep.warm_start={json.dumps(warm_start)}")  # a YAML string, whatever it holds
     cfg = resolve(config, extra, **kw)
     return run_sweep(cfg, name=name)
 
@@ -63,14 +68,16 @@ def resume(name_or_path: str, *, storage: str | None = None):
     """Continue an interrupted sweep where it stopped (unfinished and errored trials resume). MLflow
     records its trials kept while the server was away are sent first (see :func:`flush_mlflow`)."""
     from .checks import check_reachable
-    from .orchestrator.sweep import find_sweep, resume_sweep, stored_config
+    from .orchestrator.sweep import check_not_ended, find_sweep, resume_sweep, stored_config
 
     import json
 
     from .storage import STATE_FILE
 
     files = find_sweep(name_or_path, storage)  # no such sweep: one line, before anything is sent or started
-    check_reachable(stored_config(json.loads((files.local / STATE_FILE).read_text())))
+    state = json.loads((files.local / STATE_FILE).read_text())
+    check_not_ended(state)  # a budget ended it: complete, say so (SweepComplete)
+    check_reachable(stored_config(state))
     flush_mlflow(name_or_path, storage=storage, wait_s=10, quiet=True)
     return resume_sweep(name_or_path, storage=storage)
 

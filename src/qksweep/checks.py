@@ -279,9 +279,38 @@ def check_sweep(cfg: Config) -> list[ParamSpec]:
                               f"{suggest(key, list(REPORTED_METRICS))}")
         if bound.min is None and bound.max is None:
             raise ConfigError(f"sweep.constraints.{key}: give min, max or both")
+    for key in cfg.sweep.stop_at:
+        if key not in cfg.sweep.metrics:
+            raise ConfigError(f"sweep.stop_at.{key}: not one of sweep.metric ({', '.join(cfg.sweep.metrics)}); stop_at "
+                              "ends the sweep when a trial reaches a value of a searched metric"
+                              f"{suggest(key, cfg.sweep.metrics)}")
     check_search_algorithms(cfg)
     check_space_validity(cfg, specs)
+    check_enqueue(cfg, specs)
     return specs
+
+
+def check_enqueue(cfg: Config, specs: list[ParamSpec]) -> None:
+    """``sweep.enqueue``: every key in the space, every value one the space can sample, and the config
+    of each point (the rest of it as in the config file) valid."""
+    by_key = {s.key: s for s in specs}
+    for i, point in enumerate(cfg.sweep.enqueue):
+        where = f"sweep.enqueue[{i}]"
+        if not point:
+            raise ConfigError(f"{where} is empty: give the searched keys to evaluate first, e.g. {{optim.lr: 1.0e-3}}")
+        for key, v in point.items():
+            spec = by_key.get(key)
+            if spec is None:
+                raise ConfigError(f"{where}: '{key}' is not in sweep.space{suggest(key, list(by_key))}; an enqueued "
+                                  "configuration sets searched keys only (put fixed values in the config itself)")
+            if not spec.contains(v):
+                shown = list(spec.args[0]) if spec.dist == "choice" else list(spec.args)
+                raise ConfigError(f"{where}: {key}={v!r} is outside sweep.space.{key} ({spec.dist} {shown}): "
+                                  "widen the space or change the value")
+        try:
+            apply_sample(cfg.to_dict(), dict(point))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
 
 SINGLE_AND_MULTI_OBJECTIVE = ("tpe", "random", "nsga2")

@@ -59,15 +59,20 @@ def print_sweep_result(res) -> None:
 def cmd_sweep(args) -> int:
     from . import api
 
-    res = api.sweep(args.config, args.overrides, name=args.name, num_samples=args.num_samples)
+    res = api.sweep(args.config, args.overrides, name=args.name, num_samples=args.num_samples, warm_start=args.warm_start)
     print_sweep_result(res)
     return EXIT_OK
 
 
 def cmd_resume(args) -> int:
     from . import api
+    from .orchestrator.sweep import SweepComplete
 
-    res = api.resume(args.sweep, storage=args.storage)
+    try:
+        res = api.resume(args.sweep, storage=args.storage)
+    except SweepComplete as e:  # a budget ended it: nothing to do, and nothing wrong
+        print(f"qksweep: {e}")
+        return EXIT_OK
     print_sweep_result(res)
     return EXIT_OK
 
@@ -95,6 +100,9 @@ def register_core(sub) -> None:
     add_overrides(sw)
     sw.add_argument("--name", type=sweep_name, help="sweep name (default: <experiment>-<date>-<time>)")
     sw.add_argument("--num-samples", type=positive_int, help="number of trials (overrides sweep.num_samples)")
+    sw.add_argument("--warm-start", type=nonempty, metavar="SWEEP",
+                    help="seed the study with an earlier sweep's trials: its name under run.storage, its folder or "
+                         "its URI (sets sweep.warm_start)")
     sw.set_defaults(func=cmd_sweep)
 
     r = sub.add_parser("resume", help="continue an interrupted sweep where it stopped")

@@ -321,6 +321,16 @@ class SweepConfig(_Section):
     # instead of a fresh process importing Ray, torch and MLflow again. auto: on for trials that train
     # in their own process (run.launcher tune), off for trials on Ray Train (nothing to reuse there)
     reuse_actors: Union[Literal["auto"], bool] = "auto"
+    # configurations the searcher evaluates first (Optuna's enqueue_trial), e.g. a paper's recipe; keys
+    # of sweep.space, values inside it; keys left out are sampled
+    enqueue: list[dict[str, Any]] = Field(default_factory=list)
+    # an earlier sweep (name under run.storage, folder or bucket URI) whose finished and pruned trials
+    # seed this sweep's study, so the sampler starts informed (`qksweep sweep --warm-start`)
+    warm_start: str | None = None
+    # budgets: the sweep ends before num_samples when one is spent (orchestrator/budget.py)
+    time_budget_s: float | None = Field(default=None, gt=0)
+    stop_at: dict[str, float] = Field(default_factory=dict)  # {val/top1: 0.99}: a sweep.metric reached ends it
+    patience: int | None = Field(default=None, gt=0)  # N finished trials in a row without a better best end it
 
     @model_validator(mode="after")
     def _objectives_match(self) -> "SweepConfig":

@@ -226,6 +226,7 @@ def make_searcher(cfg: Config, specs: list[ParamSpec], storage: "optuna.storages
         metric=metrics if len(metrics) > 1 else metrics[0],
         mode=modes if len(modes) > 1 else modes[0],
         sampler=make_sampler(cfg),
+        points_to_evaluate=[dict(p) for p in cfg.sweep.enqueue] or None,  # Optuna enqueue_trial, in order
         storage=storage,
         study_name=study_name,
         max_epochs=cfg.optim.epochs,

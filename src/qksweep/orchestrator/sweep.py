@@ -71,7 +71,7 @@ def _trainable(cfg: Config, name: str, parent_run_id: str | None):
     return tune.with_resources(fn, {"cpu": 0, "memory": 64 * 1024**2})
 
 
-def _tune_run_config(cfg: Config, name: str, callbacks: list, sync) -> Any:
+def _tune_run_config(cfg: Config, name: str, callbacks: list, sync, stop=None) -> Any:
     """Tune's RunConfig. Trials of the ``tune`` launcher keep their checkpoints in their Tune trial folder
     (``run.keep_checkpoints`` by the sweep's first metric, the latest always kept) and a failed one is
     retried ``run.max_failures`` times from its last checkpoint, as Ray Train does for its workers; a
@@ -81,13 +81,13 @@ def _tune_run_config(cfg: Config, name: str, callbacks: list, sync) -> Any:
     metric, mode = cfg.sweep.metrics[0], cfg.sweep.modes[0]
     in_trial = cfg.trial_launcher() == "tune"
     return tune.RunConfig(
-        name=name, storage_path=storage_root(cfg), callbacks=callbacks, sync_config=sync, verbose=0,
+        name=name, storage_path=storage_root(cfg), callbacks=callbacks, sync_config=sync, verbose=0, stop=stop,
         failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures if in_trial else 1),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints, checkpoint_score_attribute=metric,
                                                 checkpoint_score_order=mode) if in_trial else None)
 
 
-def _parent_run(cfg: Config, name: str) -> str | None:
+def _parent_run(cfg: Config, name: str, warm=None) -> str | None:
     """The sweep's parent run: its params (no search space: that is ``search_space.yaml``) and files."""
     if not cfg.tracking.enabled:
         return None
@@ -95,12 +95,15 @@ def _parent_run(cfg: Config, name: str) -> str | None:
     d["sweep"] = dict(d["sweep"])
     space = d["sweep"].pop("space")
     files = {**config_file(cfg), "search_space.yaml": yaml.safe_dump(expand_space(space), sort_keys=False)}
+    tags = {} if warm is None else {"qksweep.warm_start_from": warm.source,
+                                    "qksweep.warm_start_trials": str(len(warm.trials)),
+                                    "qksweep.warm_start_skipped": str(warm.skipped)}
     return open_run(cfg.tracking.uri, cfg.experiment, {runs.KIND: "sweep", runs.SWEEP: name}, run_name=name,
-                    params=flatten(d), folder=None, files=files).run_id
+                    params=flatten(d), folder=None, files=files, tags=tags or None).run_id
 
 
 def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: str | None, files: SweepFiles,
-                 concurrency: int):
+                 concurrency: int, warm=None):
     from ray import tune
 
     from ..tracking.sweep_callback import SweepTracker
@@ -108,6 +111,10 @@ def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: 
 
     # a storage object, not a URL: pickled into Tune's state, it follows the sweep to another machine
     study_storage = SweepStudyStorage(files.optuna_url, sweep=name)
+    if warm is not None:
+        from .warm_start import seed_study
+
+        seed_study(study_storage, name, cfg, warm)
     searcher = make_searcher(cfg, specs, study_storage, study_name=name)
     from ray.tune.logger import JsonLoggerCallback
 
@@ -123,6 +130,11 @@ def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: 
                                       scheduler=cfg.sweep.scheduler.name, optuna_storage=study_storage,
                                       constraints=dict(cfg.sweep.constraints)))
     scheduler = make_scheduler(cfg)
+    from .budget import make_budget
+
+    budget = make_budget(cfg, files)
+    if budget is not None:  # one object as stopper and callback: it pickles once into the sweep's state
+        callbacks.append(budget)
     from .moasha import RungRecords, keeps_rungs
 
     if keeps_rungs(scheduler):  # Tune saves no scheduler state: ASHA's and MOASHA's rungs ride on a callback's
@@ -139,13 +151,15 @@ def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: 
         _trainable(cfg, name, parent_run_id),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.sweep.num_samples,
                                     max_concurrent_trials=concurrency, reuse_actors=cfg.reuse_trial_actors()),
-        run_config=_tune_run_config(cfg, name, callbacks, sync),
+        run_config=_tune_run_config(cfg, name, callbacks, sync, stop=budget),
     )
 
 
 def run_sweep(cfg: Config, *, name: str | None = None) -> SweepResult:
     from ..cluster.connect import cluster_resources, ensure_ray
     from ..cluster.placement import reclaim_finished_jobs
+
+    from .warm_start import read_warm_start
 
     specs = check_sweep(cfg)
     name = name or default_sweep_name(cfg)
@@ -155,10 +169,17 @@ def run_sweep(cfg: Config, *, name: str | None = None) -> SweepResult:
     if files.exists():
         raise ConfigError(f"sweep '{name}' already exists at {files.location}: continue it with "
                           f"`qksweep resume {name}` or pick another --name")
+    warm = None
+    if cfg.sweep.warm_start:  # the earlier sweep's trials, read and checked before anything is written
+        try:
+            source = find_sweep(cfg.sweep.warm_start, cfg.run.storage, purpose="to warm-start from")
+        except ConfigError as e:
+            raise ConfigError(f"sweep.warm_start: {e}") from None
+        warm = read_warm_start(cfg, specs, source)
     ensure_ray()
     reclaim_finished_jobs()  # a killed earlier driver's Train runs would hold the CPUs this sweep needs
     concurrency = max_concurrent(cfg, cluster_resources())
-    parent_run_id = _parent_run(cfg, name)
+    parent_run_id = _parent_run(cfg, name, warm)
     files.prepare_new()
     (files.local / STATE_FILE).write_text(json.dumps({"name": name, "config": cfg.to_dict(), "parent_run_id": parent_run_id,
                                                       "concurrency": concurrency}, indent=1))
@@ -166,11 +187,13 @@ def run_sweep(cfg: Config, *, name: str | None = None) -> SweepResult:
     print(f"sweep {name}: {cfg.sweep.num_samples} trials, up to {concurrency} at a time, "
           f"{cfg.sweep.searcher.sampler} + {cfg.sweep.scheduler.name}; storage {files.location}"
           + (f"; MLflow {runs.mask_secrets(cfg.tracking.uri)}" if cfg.tracking.enabled else ""))
-    tuner = _build_tuner(cfg, name, specs, parent_run_id, files, concurrency)
+    if warm is not None:
+        print(warm.summary())
+    tuner = _build_tuner(cfg, name, specs, parent_run_id, files, concurrency, warm)
     return _fit(tuner, cfg, name, parent_run_id, files)
 
 
-def find_sweep(name_or_path: str, storage: str | None = None) -> SweepFiles:
+def find_sweep(name_or_path: str, storage: str | None = None, *, purpose: str = "to resume") -> SweepFiles:
     """The sweep named NAME under ``storage`` (a path or a bucket URI, default ./qksweep_results), or
     the sweep at a path or URI (``s3://bucket/prefix/NAME``). For a URI its files are downloaded."""
     from ..storage import check_uri
@@ -204,7 +227,7 @@ def find_sweep(name_or_path: str, storage: str | None = None) -> SweepFiles:
 
     where = mask_secrets(candidates[0][0])
     hint = suggest(name_or_path, known) or (f"; known sweeps: {', '.join(known[:8])}" if known else f"; no sweeps under {where}")
-    raise ConfigError(f"no sweep '{name_or_path}' to resume{hint}")
+    raise ConfigError(f"no sweep '{name_or_path}' {purpose}{hint}")
 
 
 def stored_config(state: dict[str, Any]) -> Config:
@@ -216,6 +239,16 @@ def stored_config(state: dict[str, Any]) -> Config:
     return Config.model_validate(conf)
 
 
+class SweepComplete(Exception):
+    """``qksweep resume`` of a sweep a budget ended: there is nothing to resume."""
+
+
+def check_not_ended(state: dict[str, Any]) -> None:
+    if state.get("ended_by"):
+        raise SweepComplete(f"sweep {state['name']} is complete: it ended by {state['ended_by']}; nothing to resume "
+                            f"(`qksweep best {state['name']}` shows its best trial)")
+
+
 def resume_sweep(name_or_path: str, storage: str | None = None) -> SweepResult:
     from ray import tune
 
@@ -225,6 +258,7 @@ def resume_sweep(name_or_path: str, storage: str | None = None) -> SweepResult:
 
     files = find_sweep(name_or_path, storage)
     state = json.loads((files.local / STATE_FILE).read_text())
+    check_not_ended(state)
     cfg = stored_config(state)
     name, parent_run_id = state["name"], state["parent_run_id"]
     if not tune.Tuner.can_restore(files.tune_path):
@@ -256,7 +290,10 @@ def _fit(tuner, cfg: Config, name: str, parent_run_id: str | None, files: SweepF
         finally:
             release_placement_groups(before, actors_before=actors_before)  # what stopped Train runs reserved as they died
             _final_upload(files)
-        if stopped.fired or interrupted(grid, cfg.sweep.num_samples):  # Tune catches Ctrl-C itself and returns
+        from .budget import ended_by
+
+        reason = None if stopped.fired else ended_by(files)  # a budget spent: complete, not interrupted
+        if stopped.fired or (reason is None and interrupted(grid, cfg.sweep.num_samples)):  # Tune catches Ctrl-C itself
             raise SweepInterrupted(f"sweep {name} interrupted; its state is saved: `qksweep resume {name}` continues it")
     except KeyboardInterrupt:
         if parent_run_id:
@@ -268,13 +305,20 @@ def _fit(tuner, cfg: Config, name: str, parent_run_id: str | None, files: SweepF
     from .orphans import fail_study_trials
 
     study = optuna.load_study(study_name=None, storage=files.optuna_url)
-    if fail_study_trials(study):  # the sweep is complete: no Tune trial will tell a trial still RUNNING
+    if reason is not None:  # Tune stopped every trial without telling any callback: close what is open
+        from .budget import close_after_budget
+
+        closed, _ = close_after_budget(cfg, name, reason, study)
+        print(f"sweep {name} ended by {reason}" + (f"; {closed} running trial(s) closed KILLED" if closed else ""))
+    if fail_study_trials(study) or reason is not None:  # complete: no Tune trial will tell a trial still RUNNING
         _final_upload(files)
     result = summarize(grid, cfg, name, parent_run_id, files.tune_path)
     if parent_run_id:  # an MLflow server that is away leaves the parent's closing in the sweep folder's pending file
         from ..tracking.sweep_callback import close_parent_run
 
         tags = {"qksweep.best_run_id": result.best_run_id or "", "qksweep.best_trial_id": result.best_trial_id or ""}
+        if reason is not None:
+            tags["qksweep.ended_by"] = reason
         close_parent_run(cfg.tracking.uri, parent_run_id, str(files.local), name=name, study=study,
                          ok=result.best_trial_id is not None, tags=tags,
                          best_metrics={k: v for k, v in result.best_metrics.items() if k in REPORTED_METRICS})

@@ -52,6 +52,40 @@ class ParamSpec:
             return list(range(self.args[0], self.args[1] + 1, int(self.step or 1)))
         return None
 
+    def distribution(self):
+        """The Optuna distribution :meth:`suggest` samples from (warm starts add trials in it)."""
+        import optuna.distributions as od
+
+        a = self.args
+        if self.dist == "choice":
+            return od.CategoricalDistribution(list(a[0]))
+        if self.dist == "randint":
+            return od.IntDistribution(a[0], a[1] - 1)
+        if self.dist == "int":
+            return od.IntDistribution(a[0], a[1], step=int(self.step or 1))
+        if self.dist == "quniform":
+            return od.FloatDistribution(a[0], a[1], step=a[2])
+        return od.FloatDistribution(a[0], a[1], log=self.dist == "loguniform")
+
+    def contains(self, v: Any) -> bool:
+        """Whether ``v`` is a value this entry can sample (a choice, an in-range integer on the step,
+        a number within the bounds and on a quniform step)."""
+        if self.dist == "choice":
+            return any(type(v) is type(c) and v == c for c in self.args[0]) or (
+                isinstance(v, (int, float)) and not isinstance(v, bool)
+                and any(isinstance(c, (int, float)) and not isinstance(c, bool) and v == c for c in self.args[0]))
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        if self.dist in ("randint", "int"):
+            return v == int(v) and int(v) in self.values()
+        lo, hi = self.args[0], self.args[1]
+        if not lo <= v <= hi:
+            return False
+        if self.dist == "quniform":
+            k = (v - lo) / self.args[2]
+            return abs(k - round(k)) < 1e-8
+        return True
+
     def suggest(self, trial) -> Any:
         k, a = self.key, self.args
         if self.dist == "choice":
