@@ -28,6 +28,7 @@ Keys: ``peer_optuna_wall_ratio`` = qksweep wall ÷ optuna wall (goal ≤ 1.2), `
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import sys
@@ -42,6 +43,10 @@ from _common import CONFIGS, emit, load_yaml, log, shutdown_ray, with_overrides 
 
 QUICK = dict(num_samples=6, epochs=6, img_size=8)
 FULL = dict(num_samples=12, epochs=12, img_size=16)
+# raw Ray Tune + Train V2 can wait for ever on 2 CPUs: ASHA stops a trial, its Train controller dies, and
+# its worker group's placement group can outlive it (DEVELOPERS.md, issue 22), so later worker groups
+# time out (WorkerGroupStartupTimeoutError) or wait. Its sweep is bounded by Tune's own time_budget_s
+RAYTUNE_BUDGET_S = {"quick": 300, "full": 1800}
 CONCURRENT = 2
 
 
@@ -214,7 +219,14 @@ def _raytune_trial(config: dict) -> None:
     trainer.fit()
 
 
-def run_raytune(cfg: dict) -> dict:
+def _raytune_space(trial, *, space: dict, base: dict) -> dict:
+    """OptunaSearch's define-by-run space (module level: Tune pickles the searcher); the constants it
+    returns reach the trial's config beside the sampled values."""
+    _optuna_space(trial, space)
+    return {"__base": base}
+
+
+def run_raytune(cfg: dict, budget_s: float) -> dict:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -226,57 +238,80 @@ def run_raytune(cfg: dict) -> dict:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     sw = cfg["sweep"]
 
-    def space(trial):
-        _optuna_space(trial, sw["space"])
-        return {"__base": cfg}
-
-    search = OptunaSearch(space=space, metric="val/top1", mode="max",
+    search = OptunaSearch(space=functools.partial(_raytune_space, space=sw["space"], base=cfg), metric="val/top1", mode="max",
                           sampler=optuna.samplers.TPESampler(seed=sw["searcher"].get("seed", 0), multivariate=True,
                                                              constant_liar=True))
     sched = ASHAScheduler(time_attr="epoch", max_t=cfg["optim"]["epochs"], grace_period=sw["scheduler"]["grace_period"],
                           reduction_factor=sw["scheduler"]["reduction_factor"])
     tuner = tune.Tuner(tune.with_resources(_raytune_trial, {"cpu": 0, "memory": 64 * 1024**2}),
                        tune_config=tune.TuneConfig(search_alg=search, scheduler=sched, metric="val/top1", mode="max",
-                                                   num_samples=sw["num_samples"], max_concurrent_trials=CONCURRENT),
+                                                   num_samples=sw["num_samples"], max_concurrent_trials=CONCURRENT,
+                                                   time_budget_s=budget_s),
                        run_config=tune.RunConfig(name="peers-raytune", storage_path=cfg["run"]["storage"], verbose=0))
     grid = tuner.fit()
     wall = time.perf_counter() - t0
     df = grid.get_dataframe()
-    trial_s = float(df["time_total_s"].sum())
-    epochs = int(df["epoch"].sum())
+    trial_s = float(df["time_total_s"].fillna(0).sum()) if "time_total_s" in df else 0.0
+    epochs = int(df["epoch"].fillna(0).sum()) if "epoch" in df else 0
     epoch_s = _tune_epoch_seconds(str(Path(cfg["run"]["storage"]) / "peers-raytune"))
-    best = max(float(r.metrics_dataframe["val/top1"].max()) for r in grid if r.metrics_dataframe is not None)
+    tops = [float(r.metrics_dataframe["val/top1"].max()) for r in grid
+            if r.metrics_dataframe is not None and "val/top1" in r.metrics_dataframe]
     ray.shutdown()
-    return dict(wall_s=wall, trial_seconds=trial_s, best=best, epochs=epochs,
-                per_trial_overhead_s=(trial_s - epoch_s) / len(df), trials=len(df))
+    return dict(wall_s=wall, trial_seconds=trial_s, best=max(tops, default=float("nan")), epochs=epochs,
+                per_trial_overhead_s=(trial_s - epoch_s) / max(1, len(df)), trials=len(df),
+                errors=int(grid.num_errors), hit_time_budget=wall >= budget_s)
+
+
+def run_arm(name: str, quick: bool) -> dict:
+    """One arm in this process (``--arm``): a fresh interpreter per arm, so that neither qksweep's Ray
+    settings (health-check interval, Tune's logger switches, worker niceness) nor its imports reach a peer."""
+    size = QUICK if quick else FULL
+    budget = RAYTUNE_BUDGET_S["quick" if quick else "full"]
+    arms = {"qksweep": run_qksweep, "optuna": run_optuna, "raytune": lambda cfg: run_raytune(cfg, budget)}
+    tmp = Path(tempfile.mkdtemp(prefix=f"peers-{name}-"))
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        return arms[name](base_config(tmp, **size))
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
+    import json
+    import subprocess
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--arms", default="qksweep,optuna,raytune")
+    ap.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm here, print its JSON
     args = ap.parse_args()
+    if args.arm:
+        emit(run_arm(args.arm, args.quick))
+        return
     size = QUICK if args.quick else FULL
     out: dict = {"mode": "quick" if args.quick else "full", **{f"setting_{k}": v for k, v in size.items()},
                  "concurrent": CONCURRENT}
-    arms = {"qksweep": run_qksweep, "optuna": run_optuna, "raytune": run_raytune}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "TUNE_"))}
     for name in args.arms.split(","):
-        tmp = Path(tempfile.mkdtemp(prefix=f"peers-{name}-"))
-        cwd = os.getcwd()
-        os.chdir(tmp)
-        try:
-            log(f"{name}: {size}")
-            res = arms[name](base_config(tmp, **size))
-            log(f"{name}: {res}")
-            out.update({f"{name}_{k}": v for k, v in res.items()})
-        finally:
-            os.chdir(cwd)
-            shutil.rmtree(tmp, ignore_errors=True)
-    if "qksweep_wall_s" in out:
-        for peer in ("optuna", "raytune"):
-            if f"{peer}_wall_s" in out:
-                out[f"peer_{peer}_wall_ratio"] = out["qksweep_wall_s"] / out[f"{peer}_wall_s"]
-                out[f"peer_{peer}_trial_seconds_ratio"] = out["qksweep_trial_seconds"] / out[f"{peer}_trial_seconds"]
+        log(f"{name}: {size}")
+        cmd = [sys.executable, __file__, "--arm", name] + (["--quick"] if args.quick else [])
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            out[f"{name}_error"] = f"exit {proc.returncode}"
+            continue
+        res = json.loads(lines[-1])
+        log(f"{name}: {res}")
+        out.update({f"{name}_{k}": v for k, v in res.items()})
+    for peer in ("optuna", "raytune"):
+        a, b = out.get("qksweep_wall_s"), out.get(f"{peer}_wall_s")
+        if a and b:
+            out[f"peer_{peer}_wall_ratio"] = a / b
+        a, b = out.get("qksweep_trial_seconds"), out.get(f"{peer}_trial_seconds")
+        if a and b:
+            out[f"peer_{peer}_trial_seconds_ratio"] = a / b
     emit(out)
 
 

@@ -29,7 +29,8 @@ def test_two_sweeps_at_once_on_one_store_both_finish_with_every_run(workdir):
                     "searcher": {"sampler": "random", "seed": 0}, "scheduler": {"name": "none"},
                     "space": {"optim.lr": {"loguniform": [1e-3, 1e-2]}}}
     (workdir / "sweep.yaml").write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each starts its own local Ray
+    # each starts its own local Ray; the console is the CLI's own (conftest turns Ray's log dedup off)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DEDUP_LOGS")}
     procs = {n: subprocess.Popen([sys.executable, "-m", "qksweep.cli", "sweep", "sweep.yaml", "--name", n],
                                  cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  start_new_session=True)
@@ -60,6 +61,13 @@ def test_two_sweeps_at_once_on_one_store_both_finish_with_every_run(workdir):
             for key in ("epoch", "val/loss", "train/loss"):
                 steps = sorted(m.step for m in c.get_metric_history(r.info.run_id, key))
                 assert steps == [1, 2], (n, key, steps)
+        # the console, as a user reads it off a pipe: every epoch line once, no Ray prefixes or colour codes
+        lines = outs[n].splitlines()
+        for r in trials:
+            tid = r.data.tags["qksweep.trial_id"]
+            shown = [ln for ln in lines if ln.startswith(f"[{tid}] epoch ")]
+            assert [ln.split()[2] for ln in shown] == ["1/2", "2/2"], (n, tid, shown)
+        assert "\x1b[" not in outs[n] and "pid=" not in outs[n], outs[n][-2000:]
         study = optuna.load_study(study_name=None, storage=f"sqlite:///{workdir / 'results' / n / 'optuna.db'}")
         assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"], (n, study.trials)
         assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {r.info.run_id for r in trials}

@@ -152,8 +152,18 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
     return (ConfigError, CheckpointError, UsageError, DataError, ModelArgError, BrowseError, ExportError)
 
 
+def console_env() -> None:
+    """How Ray forwards the trials' output to this console (read when Ray is imported, so before it):
+    every line as printed, none merged by Ray's log dedup (an epoch line must never be folded into
+    ``[repeated 3x across cluster]``), and without Ray's coloured ``(trial_driver pid=…)`` prefix: qksweep's
+    own lines name their trial. Set only where the user has not set them."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    console_env()
     debug = "--debug" in argv or os.environ.get("QKSWEEP_DEBUG") == "1"
     try:
         parser = build_parser()
