@@ -23,6 +23,7 @@ Headline keys (see each script's docstring for how it measures them):
 | asha_compute_ratio, asha_best_gap | sweep_efficiency.py | >= 3, <= 0.005 |
 | spectral_overhead_vit, spectral_overhead_qkformer | spectral_overhead.py | <= 0.02 |
 | qkformer_step_s, qkformer_compile_speedup | qkformer_step.py | < 2.5 s, >= 1.5 |
+| peer_optuna_wall_ratio, peer_raytune_wall_ratio | peers.py | <= 1.2, <= 1.0 |
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ SUITE = {
     "qkformer_step": ("qkformer_step.py", ["--quick"], [], 600, 2700),
     "overhead": ("overhead.py", ["--quick"], [], 720, 2400),
     "sweep_efficiency": ("sweep_efficiency.py", ["--quick"], [], 900, 5400),
+    "peers": ("peers.py", ["--quick"], [], 900, 5400),
 }
 SMOKE = {"spectral_overhead": ("spectral_overhead.py", ["--smoke"], [], 300, 300)}
 GPU = {"gpu_throughput": ("gpu_throughput.py", [], [], 1800, 3600)}
@@ -54,7 +56,7 @@ GPU = {"gpu_throughput": ("gpu_throughput.py", [], [], 1800, 3600)}
 HEADLINE = [
     "train_overhead_ratio", "sweep_overhead_ratio", "report_latency_s", "trial_startup_s", "mlflow_log_s_per_epoch",
     "asha_compute_ratio", "asha_best_gap", "spectral_overhead_vit", "spectral_overhead_qkformer", "spectral_overhead",
-    "qkformer_step_s", "qkformer_compile_speedup",
+    "qkformer_step_s", "qkformer_compile_speedup", "peer_optuna_wall_ratio", "peer_raytune_wall_ratio",
     # secondary figures that explain the headline ones
     "train_overhead_ratio_epoch_wall", "train_overhead_ratio_vs_default_threads", "sweep_overhead_ratio_epoch_wall",
     "report_latency_no_checkpoint_s", "report_latency_default_ray_s",

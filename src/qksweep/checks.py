@@ -285,6 +285,7 @@ def check_sweep(cfg: Config) -> list[ParamSpec]:
                               "ends the sweep when a trial reaches a value of a searched metric"
                               f"{suggest(key, cfg.sweep.metrics)}")
     check_search_algorithms(cfg)
+    check_sampler(cfg, specs)
     check_space_validity(cfg, specs)
     check_enqueue(cfg, specs)
     return specs
@@ -313,7 +314,7 @@ def check_enqueue(cfg: Config, specs: list[ParamSpec]) -> None:
             raise ConfigError(f"{where}: {e}") from None
 
 
-SINGLE_AND_MULTI_OBJECTIVE = ("tpe", "random", "nsga2")
+SINGLE_AND_MULTI_OBJECTIVE = ("tpe", "random", "nsga2", "qmc", "grid")
 
 
 def check_search_algorithms(cfg: Config) -> None:
@@ -333,6 +334,43 @@ def check_search_algorithms(cfg: Config) -> None:
     sampler = cfg.sweep.searcher.sampler
     if multi and sampler not in SINGLE_AND_MULTI_OBJECTIVE:
         raise ConfigError(f"sweep.searcher.sampler '{sampler}' is single-objective; use tpe or nsga2 with several metrics")
+
+
+def check_sampler(cfg: Config, specs: list[ParamSpec]) -> None:
+    """``grid`` over discrete keys only, and ``sweep.searcher.options`` the sampler's own arguments:
+    names from its signature, values it accepts (it is built here once, before Ray starts)."""
+    import inspect
+
+    import optuna
+
+    from .orchestrator.searcher import OWN_ARGUMENTS, SAMPLER_CLASSES, make_sampler, sampler_name
+
+    s, name = cfg.sweep.searcher, sampler_name(cfg)
+    if name == "grid":
+        continuous = [sp for sp in specs if sp.values() is None]
+        if continuous:
+            raise ConfigError(f"sweep.searcher.sampler 'grid' needs discrete keys, but sweep.space.{continuous[0].key} is "
+                              f"{continuous[0].dist}: make it a choice (or an int range), or use another sampler")
+        size = math.prod(len(sp.values()) for sp in specs)
+        if cfg.sweep.num_samples > size:
+            raise ConfigError(f"sweep.num_samples={cfg.sweep.num_samples} exceeds the grid's {size} combinations: "
+                              f"set it to {size} or widen sweep.space")
+    cls = getattr(optuna.samplers, SAMPLER_CLASSES[name])
+    params = inspect.signature(cls.__init__).parameters
+    known = [k for k in params if k not in ("self", *OWN_ARGUMENTS)]
+    for key in s.options:
+        if key in OWN_ARGUMENTS:
+            raise ConfigError(f"sweep.searcher.options.{key}: qksweep sets it itself "
+                              + ("(sweep.searcher.seed)" if key == "seed" else "(from sweep.space)") + "; remove it")
+        if key not in params:
+            raise ConfigError(f"sweep.searcher.options.{key}: {cls.__name__} has no argument '{key}'"
+                              f"{suggest(key, known)}; its arguments: {', '.join(known)}")
+    if "n_startup_trials" in s.options and s.n_startup_trials is not None:
+        raise ConfigError("sweep.searcher.n_startup_trials and sweep.searcher.options.n_startup_trials are both set: keep one")
+    try:
+        make_sampler(cfg, specs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"sweep.searcher.options: {cls.__name__} refused them ({str(e).splitlines()[0][:200]})") from None
 
 
 MAX_COMBINATIONS = 20_000

@@ -286,10 +286,12 @@ class PruneConfig(_Section):
 
 class SearcherConfig(_Section):
     name: Literal["optuna", "random"] = "optuna"
-    sampler: Literal["tpe", "random", "cmaes", "gp", "nsga2"] = "tpe"
+    sampler: Literal["tpe", "random", "cmaes", "gp", "nsga2", "qmc", "grid"] = "tpe"
     seed: int = 0
     # tpe / gp: random trials before the model guides sampling (null: Optuna's default, 10)
     n_startup_trials: int | None = Field(default=None, gt=0)
+    # the Optuna sampler's own keyword arguments (checked against its signature), e.g. {multivariate: false}
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
 class SchedulerConfig(_Section):

@@ -20,22 +20,39 @@ TUNE_TRIAL_ATTR = "tune_trial_id"  # user attribute of each Optuna trial: its Tu
 DEAD_CONSTRAINT = "firing_rate"  # the Optuna constraint a trial stopped by sweep.stop_on.firing_rate violates
 
 
-def make_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler of a config that passed :func:`qksweep.checks.check_sweep`."""
+SAMPLER_CLASSES = {"tpe": "TPESampler", "random": "RandomSampler", "cmaes": "CmaEsSampler", "gp": "GPSampler",
+                   "nsga2": "NSGAIISampler", "qmc": "QMCSampler", "grid": "GridSampler"}
+# arguments qksweep gives itself: from sweep.searcher.seed, the space, or the sweep's own needs
+OWN_ARGUMENTS = {"seed", "search_space"}
+
+
+def sampler_name(cfg: Config) -> str:
     s = cfg.sweep.searcher
-    # constraints reach TPE/NSGA-II through Trial.set_constraint (Optuna 5), see HonestOptunaSearch
-    if s.sampler == "random" or s.name == "random":  # `searcher: {name: random}` is random search too
-        return optuna.samplers.RandomSampler(seed=s.seed)
-    startup = {"n_startup_trials": s.n_startup_trials} if s.n_startup_trials else {}
-    if s.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True, **startup)
-    if s.sampler == "nsga2":
-        return PicklableNSGAIISampler(seed=s.seed)
-    if s.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=s.seed, warn_independent_sampling=False)
-    if s.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=s.seed, **startup)
-    raise AssertionError(s.sampler)
+    return "random" if s.name == "random" else s.sampler  # `searcher: {name: random}` is random search too
+
+
+def sampler_kwargs(cfg: Config, specs: list[ParamSpec]) -> dict[str, Any]:
+    """What the sampler is built with: qksweep's defaults, then ``n_startup_trials``, then ``options``."""
+    s, name = cfg.sweep.searcher, sampler_name(cfg)
+    kw: dict[str, Any] = {"seed": s.seed}
+    if name == "tpe":
+        # constraints reach TPE/NSGA-II through Trial.set_constraint (Optuna 5), see HonestOptunaSearch
+        kw.update(multivariate=True, constant_liar=True)
+    if name == "cmaes":
+        kw.update(warn_independent_sampling=False)
+    if name == "grid":
+        kw["search_space"] = {sp.key: sp.values() for sp in specs}
+    if s.n_startup_trials and name in ("tpe", "gp"):
+        kw["n_startup_trials"] = s.n_startup_trials
+    kw.update(s.options)
+    return kw
+
+
+def make_sampler(cfg: Config, specs: list[ParamSpec] | None = None) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler of a config that passed :func:`qksweep.checks.check_sweep`."""
+    name = sampler_name(cfg)
+    cls = PicklableNSGAIISampler if name == "nsga2" else getattr(optuna.samplers, SAMPLER_CLASSES[name])
+    return cls(**sampler_kwargs(cfg, specs or []))
 
 
 class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
@@ -225,7 +242,7 @@ def make_searcher(cfg: Config, specs: list[ParamSpec], storage: "optuna.storages
         space=make_define_by_run(specs),
         metric=metrics if len(metrics) > 1 else metrics[0],
         mode=modes if len(modes) > 1 else modes[0],
-        sampler=make_sampler(cfg),
+        sampler=make_sampler(cfg, specs),
         points_to_evaluate=[dict(p) for p in cfg.sweep.enqueue] or None,  # Optuna enqueue_trial, in order
         storage=storage,
         study_name=study_name,
