@@ -16,7 +16,8 @@ by every model.  Spiking models (``is_spiking = True``, ``time_steps``) take
 call ``spikingjelly.activation_based.functional.reset_net(model)`` after every batch.
 
 Families: every timm ``vit_*``; ``qkformer_10_384/512/768`` (SpikingJelly QKFormer);
-``qkformer_cifar`` (official CIFAR QKFormer); ``spiking_resnet*``, ``sew_resnet*`` and the
+``qkformer_cifar`` (official CIFAR QKFormer); ``qkformer_dvs`` (official event-camera QKFormer);
+``spiking_resnet*``, ``sew_resnet*`` and the
 other SpikingJelly ResNet variants; ``spikformer_ti``, ``spikformer_s``, ``spikformer_cifar10``.
 """
 
@@ -35,6 +36,7 @@ from ._registry import (
 from . import vit as _vit  # noqa: F401  (registers the timm ViT provider)
 from .qkformer import QKFORMER_SPECTRAL_TARGETS
 from . import qkformer_cifar as _qkformer_cifar  # noqa: F401
+from . import qkformer_dvs as _qkformer_dvs  # noqa: F401
 from .snn_zoo import SPIKFORMER_SPECTRAL_TARGETS
 from .vit import VIT_SPECTRAL_TARGETS
 
@@ -48,11 +50,28 @@ __all__ = [
     "check_model_args",
     "create_model",
     "default_spectral_targets",
+    "frames_batch_first",
     "list_models",
     "model_info",
     "register_model",
     "run_neuron_params",
 ]
+
+
+def _time_first(_module, args):
+    x = args[0]
+    if getattr(x, "ndim", 0) == 5:
+        return (x.transpose(0, 1), *args[1:])
+    return None
+
+
+def frames_batch_first(model):
+    """Let a spiking model take event frames batch first, ``[N, T, C, H, W]`` (how SpikingJelly's datasets
+    batch them): a forward pre-hook hands them on as ``[T, N, C, H, W]``, one time step per frame. The
+    weights and their names do not change; an ``[N, C, H, W]`` image still goes in as it is."""
+    model.register_forward_pre_hook(_time_first)
+    model.frames_batch_first = True
+    return model
 
 
 def default_spectral_targets(model_name: str) -> list[str]:
