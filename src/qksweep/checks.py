@@ -33,11 +33,51 @@ def check_model(cfg: Config) -> None:
     """The model request (name, shapes, ``model.neuron``) through the registry, without building it."""
     from .models import ModelArgError, check_model_args
 
+    in_chans, frames = input_shape(cfg)
+    over = cfg.model.overrides()
+    if frames is not None:
+        over["time_steps"] = frames
     try:
-        check_model_args(cfg.model.name, num_classes=known_num_classes(cfg.data) or 10, in_chans=3,
-                         img_size=cfg.data.img_size, **cfg.model.overrides())
+        check_model_args(cfg.model.name, num_classes=known_num_classes(cfg.data) or 10, in_chans=in_chans,
+                         img_size=cfg.data.img_size, **over)
     except ModelArgError as e:
         raise ConfigError(f"config: {e}") from None
+
+
+def input_shape(cfg: Config) -> tuple[int, int | None]:
+    """The model's input channels and, for event data, its time steps (``data.frames``), read from the
+    data config without touching the disk; a data name the registry does not know reads as images."""
+    from .data import DataError, data_shape
+
+    try:
+        return data_shape(cfg.data)
+    except DataError:
+        return 3, None  # check_data names the unknown dataset
+
+
+def check_event_input(cfg: Config) -> None:
+    """Event frames feed a spiking model one time step per frame: the model's time steps follow
+    ``data.frames``, its input channels are the data's, and image-only settings are refused."""
+    from .models import model_info
+
+    in_chans, frames = input_shape(cfg)
+    m, d = cfg.model, cfg.data
+    if m.in_chans is not None and m.in_chans != in_chans:
+        what = "event frames have 2 channels (ON/OFF polarity)" if frames else "images have 3 channels (RGB)"
+        raise ConfigError(f"config: model.in_chans={m.in_chans} but {d.name} {what}: remove model.in_chans "
+                          f"(it follows the data) or set it to {in_chans}")
+    if frames is None:
+        return
+    if not model_info(m.name).is_spiking:
+        raise ConfigError(f"config: data.name={d.name} gives event frames [T, 2, H, W] for a spiking model, and "
+                          f"{m.name} is not one: use model.name: qkformer_dvs (or another SNN)")
+    if m.time_steps is not None and m.time_steps != frames:
+        raise ConfigError(f"config: model.time_steps={m.time_steps} but data.frames={frames}: on event data the "
+                          f"model runs one time step per frame; remove model.time_steps (it follows data.frames) "
+                          f"or set data.frames: {m.time_steps}")
+    if cfg.optim.cutmix > 0:
+        raise ConfigError("config: optim.cutmix cuts image boxes and does not apply to event frames; use "
+                          "optim.mixup (the official DVS recipe) and set optim.cutmix: 0")
 
 
 PROBE_TIMEOUT_S = 3.0
@@ -216,6 +256,7 @@ def check_config(cfg: Config) -> Config:
         check_data(cfg.data)
     except DataError as e:
         raise ConfigError(f"config: {e}") from None
+    check_event_input(cfg)
     check_model(cfg)
     opts = list_optimizers()
     if cfg.optim.name.lower() not in opts:
@@ -241,6 +282,23 @@ def check_config(cfg: Config) -> Config:
 
         check_distill(cfg.distill, cfg.data, cfg.tracking.uri)
     return cfg
+
+
+def prepare_inputs(cfg: Config, specs: list[ParamSpec] = ()) -> None:
+    """One-off work on the inputs in the driver, before Ray starts: downloads asked for, and SpikingJelly's
+    conversion of event data to frames -- for every ``data.frames`` / ``data.split_by`` the sweep's space can
+    sample -- so no trial waits on (or races to write) a frame cache."""
+    from .data import DataError, prepare_data
+
+    keys = ("data.frames", "data.split_by")
+    grids = [(s.key, s.values()) for s in specs if s.key in keys and s.values()]
+    base = cfg.to_dict()
+    for combo in itertools.product(*[v for _, v in grids]):
+        point = cfg if not grids else apply_sample(base, dict(zip((k for k, _ in grids), combo)))
+        try:
+            prepare_data(point.data)
+        except DataError as e:
+            raise ConfigError(f"config: {e}") from None
 
 
 def check_gpus_available(cfg: Config) -> None:
@@ -394,7 +452,7 @@ def check_space_validity(base: Config, specs: list[ParamSpec]) -> None:
         sample = dict(zip((s.key for s in shape), combo))
         try:
             cfg = apply_sample(base_dict, sample)
-            key = (cfg.model.model_dump_json(), cfg.data.img_size)
+            key = (cfg.model.model_dump_json(), cfg.data.img_size, cfg.data.frames)
             if key in seen:
                 continue
             seen.add(key)

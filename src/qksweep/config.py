@@ -10,7 +10,7 @@ import difflib
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -79,10 +79,14 @@ class ModelConfig(_Section):
     qka_type: Literal["token", "channel"] | None = None
     pretrained: bool = False
     neuron: NeuronConfig | None = None  # spiking models only (models/neurons.py)
+    in_chans: int | None = Field(default=None, gt=0)  # the data's channels; only checked against them
+
+    #: keys of this section that are not model-factory arguments
+    NOT_OVERRIDES: ClassVar[tuple[str, ...]] = ("name", "in_chans")
 
     def overrides(self) -> dict[str, Any]:
         """The keyword overrides passed to ``models.create_model`` (None values dropped)."""
-        out = self.model_dump(exclude={"name"})
+        out = self.model_dump(exclude=set(self.NOT_OVERRIDES))
         if not out["pretrained"]:
             out.pop("pretrained")
         for key in ("drop_path", "drop_rate"):
@@ -109,6 +113,12 @@ class DataConfig(_Section):
     num_classes: int | None = Field(default=None, gt=1)
     train_size: int | None = Field(default=None, gt=0)
     val_size: int | None = Field(default=None, gt=0)
+    # event-camera data (cifar10_dvs, dvs128_gesture, n_mnist): frames per sample (the model's time steps),
+    # how SpikingJelly bins the stream, the official training policy and a random roll (pixels)
+    frames: int | None = Field(default=None, gt=0)
+    split_by: Literal["number", "time"] = "number"
+    event_aug: Literal["snn_wide", "none"] = "snn_wide"
+    roll: int = Field(default=0, ge=0)
 
     @field_validator("num_workers", mode="before")
     @classmethod
@@ -587,7 +597,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def known_num_classes(data: DataConfig) -> int | None:
     """Class count where it is known without loading the data (enough for shape checks)."""
-    fixed = {"digits": 10, "cifar10": 10, "cifar100": 100}
+    fixed = {"digits": 10, "cifar10": 10, "cifar100": 100, "cifar10_dvs": 10, "dvs128_gesture": 11, "n_mnist": 10}
     if data.name in fixed:
         return fixed[data.name]
     if data.name == "synthetic":

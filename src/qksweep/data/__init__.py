@@ -2,6 +2,7 @@
 
     bundle = build_data(cfg, seed=0)     # -> DataBundle(train, val, num_classes, ...)
     check_data(cfg)                      # cheap, before anything runs; raises DataError
+    data_shape(cfg)                      # (in_chans, frames or None) without loading anything
     prepare_data(cfg)                    # in the driver: check + one-off downloads
     eval_transform(cfg, mean, std)       # validation preprocessing of one PIL image
     list_datasets()                      # registered names
@@ -12,6 +13,9 @@ Datasets (aliases in brackets):
   cifar10     torchvision CIFAR-10 under data.root (default ./data)   [torch/cifar10]
   cifar100    torchvision CIFAR-100 under data.root (default ./data)  [torch/cifar100]
   imagefolder data.root/train + data.root/{val,validation,valid}       [tiny_imagenet, imagenet, imagenet100]
+  cifar10_dvs, dvs128_gesture, n_mnist
+              SpikingJelly's event datasets under data.root as data.frames frames of 2 polarity
+              channels ([T, 2, H, W] per sample; see events.py)
 
 `cfg` is any object (or mapping) with the `DataConfig` attributes; absent ones
 take the defaults of :class:`DataOptions`:
@@ -50,6 +54,7 @@ from .base import (
 from . import in_memory as _in_memory  # noqa: F401  (registers digits, synthetic)
 from . import cifar as _cifar  # noqa: F401  (registers cifar10, cifar100)
 from . import imagefolder as _imagefolder  # noqa: F401  (registers imagefolder)
+from . import events as _events  # noqa: F401  (registers cifar10_dvs, dvs128_gesture, n_mnist)
 
 __all__ = [
     "DEFAULT_SPLIT_SEED",
@@ -59,6 +64,7 @@ __all__ = [
     "DatasetSpec",
     "build_data",
     "check_data",
+    "data_shape",
     "eval_transform",
     "list_datasets",
     "options",
@@ -72,10 +78,43 @@ def check_data(cfg: Any) -> None:
     decoded, nothing is downloaded).  Raises DataError with a one-line fix."""
     opts = options(cfg)
     spec = get_spec(opts.name)
+    opts = get_spec_options(opts, spec)
+    _check_kind(opts, spec)
     if spec.check is not None:
         spec.check(opts)
     if not spec.in_memory:
         _check_augment(opts)
+
+
+def _check_kind(opts: DataOptions, spec: DatasetSpec) -> None:
+    """Event keys on images and image-only augmentation on events are refused, not ignored."""
+    if not spec.events:
+        extra = [k for k, off in (("frames", None), ("roll", 0)) if getattr(opts, k) != off]
+        if extra:
+            raise DataError(f"data.{extra[0]} is for event datasets (cifar10_dvs, dvs128_gesture, n_mnist); "
+                            f"{spec.name} has images: remove data.{extra[0]}")
+        return
+    image_only = [k for k, off in (("aa", None), ("reprob", 0.0), ("color_jitter", None)) if getattr(opts, k) != off]
+    if image_only:
+        raise DataError(f"data.{image_only[0]} augments images; {spec.name} gives event frames: remove it "
+                        "(event frames take data.hflip, data.event_aug and data.roll)")
+
+
+def data_shape(cfg: Any) -> tuple[int, int | None]:
+    """What one sample of the dataset is, without reading it: its channels and, for event data, its frames
+    (the spiking model's time steps)."""
+    opts = options(cfg)
+    spec = get_spec(opts.name)
+    if not spec.events:
+        return spec.in_chans, None
+    from .events import frames_of
+
+    return spec.in_chans, frames_of(get_spec_options(opts, spec))
+
+
+def get_spec_options(opts: DataOptions, spec: DatasetSpec) -> DataOptions:
+    """``opts`` under the dataset's canonical name (aliases resolved)."""
+    return opts if opts.name == spec.name else opts.model_copy(update={"name": spec.name})
 
 
 def prepare_data(cfg: Any) -> None:
@@ -83,6 +122,7 @@ def prepare_data(cfg: Any) -> None:
     data.download is true), so parallel trials never race to download."""
     opts = options(cfg)
     spec = get_spec(opts.name)
+    opts = get_spec_options(opts, spec)
     if spec.prepare is not None:
         spec.prepare(opts)
     check_data(opts)
@@ -95,7 +135,8 @@ def build_data(cfg: Any, *, seed: int = 0) -> DataBundle:
     depends on it (see `split_seed`)."""
     opts = options(cfg)
     check_data(opts)
-    return get_spec(opts.name).build(opts, seed)
+    spec = get_spec(opts.name)
+    return spec.build(get_spec_options(opts, spec), seed)
 
 
 def eval_transform(cfg: Any, mean: Sequence[float], std: Sequence[float]):

@@ -43,6 +43,8 @@ class DataBundle:
     # True when train/val are TensorDatasets that are already resized and
     # normalized (digits, synthetic): no per-sample augmentation happens.
     in_memory: bool
+    # event-camera data: frames per sample (the model runs one time step per frame); None for images
+    frames: int | None = None
 
 
 class DataOptions(DataConfig):
@@ -116,6 +118,8 @@ class DatasetSpec:
     aliases: tuple[str, ...] = ()
     description: str = ""
     in_memory: bool = False  # preprocessed TensorDatasets, no augmentation
+    in_chans: int = 3
+    events: bool = False  # [T, C, H, W] event frames per sample (data.frames), for spiking models only
 
 
 _REGISTRY: dict[str, DatasetSpec] = {}
@@ -131,6 +135,8 @@ def register_dataset(
     aliases: Sequence[str] = (),
     description: str = "",
     in_memory: bool = False,
+    in_chans: int = 3,
+    events: bool = False,
 ) -> Callable[[Builder], Builder]:
     """Decorator registering `build(opts, seed) -> DataBundle` under `name`.
 
@@ -144,7 +150,8 @@ def register_dataset(
         if key in _REGISTRY or key in _ALIASES:
             raise ValueError(f"dataset {name!r} is already registered")
         _REGISTRY[key] = DatasetSpec(
-            key, fn, check, eval_transform, prepare, tuple(a.lower() for a in aliases), description, in_memory
+            key, fn, check, eval_transform, prepare, tuple(a.lower() for a in aliases), description, in_memory,
+            in_chans, events,
         )
         for alias in aliases:
             _ALIASES[alias.lower()] = key

@@ -41,8 +41,8 @@ __all__ = [
 ]
 
 #: Every override key the config's ``model.*`` section may use: the fields of the config schema's
-#: ``ModelConfig`` (the one copy of their types and ranges), less the model's name.
-OVERRIDE_KEYS: tuple[str, ...] = tuple(k for k in ModelConfig.model_fields if k != "name")
+#: ``ModelConfig`` (the one copy of their types and ranges), less the model's name and ``in_chans`` (``ModelConfig.NOT_OVERRIDES``).
+OVERRIDE_KEYS: tuple[str, ...] = tuple(k for k in ModelConfig.model_fields if k not in ModelConfig.NOT_OVERRIDES)
 
 
 class ModelArgError(ValueError):

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from ..checks import check_reachable, check_sweep
+from ..checks import check_reachable, check_sweep, prepare_inputs
 from ..config import DEFAULT_STORAGE, Config, ConfigError, flatten
 from ..names import REPORTED_METRICS
 from ..search_spaces import ParamSpec, expand_space
@@ -169,6 +169,7 @@ def run_sweep(cfg: Config, *, name: str | None = None) -> SweepResult:
     if files.exists():
         raise ConfigError(f"sweep '{name}' already exists at {files.location}: continue it with "
                           f"`qksweep resume {name}` or pick another --name")
+    prepare_inputs(cfg, specs)  # event data integrated to frames once here, before any trial reads it
     warm = None
     if cfg.sweep.warm_start:  # the earlier sweep's trials, read and checked before anything is written
         try:

@@ -32,7 +32,7 @@ PRESET_DIR = Path(__file__).parent
 DISTRIBUTIONS = ("choice", "randint", "uniform", "loguniform", "quniform", "int")
 DERIVED_KEYS = ("model.head_dim",)
 SHAPE_KEYS = ("model.embed_dim", "model.num_heads", "model.head_dim", "model.depth", "model.patch_size",
-              "data.img_size", "model.name")
+              "data.img_size", "data.frames", "model.name")
 
 
 @dataclass(frozen=True)

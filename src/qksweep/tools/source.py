@@ -187,14 +187,21 @@ def build_from_checkpoint(
     state: dict[str, Any], config: dict[str, Any], where: str, *,
     overrides: Sequence[str] | None = None, use_ema: bool = False,
 ) -> tuple[torch.nn.Module, Config, int]:
-    from ..models import create_model
+    from ..data import data_shape
+    from ..models import create_model, frames_batch_first
 
     cfg = _config_of(config, where, overrides)
     sd = _model_weights(state, use_ema, where)
     num_classes = _num_classes(sd, cfg)
     model_kw = cfg.model.overrides()
     model_kw.pop("pretrained", None)  # the checkpoint holds the weights
-    model = create_model(cfg.model.name, num_classes=num_classes, in_chans=3, img_size=cfg.data.img_size, **model_kw)
+    in_chans, frames = data_shape(cfg.data)
+    if frames is not None:
+        model_kw["time_steps"] = frames  # event data: one time step per frame
+    model = create_model(cfg.model.name, num_classes=num_classes, in_chans=in_chans, img_size=cfg.data.img_size,
+                         **model_kw)
+    if frames is not None:
+        frames_batch_first(model)
     _load_into(model, sd, where, cfg.model.name)
     return model, cfg, num_classes
 

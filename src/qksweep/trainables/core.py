@@ -21,7 +21,7 @@ from timm.scheduler import create_scheduler_v2
 
 from ..config import Config
 from ..data import DataBundle, build_data
-from ..models import create_model
+from ..models import create_model, frames_batch_first
 
 
 def seed_everything(seed: int) -> None:
@@ -35,13 +35,14 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: Config, bundle: DataBundle) -> torch.nn.Module:
-    return create_model(
-        cfg.model.name,
-        num_classes=bundle.num_classes,
-        in_chans=bundle.in_chans,
-        img_size=cfg.data.img_size,
-        **cfg.model.overrides(),
-    )
+    """The model for this data: event frames set its time steps (one per frame) and it takes them batch
+    first, ``[N, T, C, H, W]``, as the loader gives them."""
+    over = cfg.model.overrides()
+    if bundle.frames is not None:
+        over["time_steps"] = bundle.frames
+    model = create_model(cfg.model.name, num_classes=bundle.num_classes, in_chans=bundle.in_chans,
+                         img_size=cfg.data.img_size, **over)
+    return frames_batch_first(model) if bundle.frames is not None else model
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:

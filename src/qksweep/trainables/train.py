@@ -54,13 +54,14 @@ def _caller_sigint_kept():
 def run_training(cfg: Config, *, run_name: str | None = None, tags: dict[str, str] | None = None,
                  resume_from: str | None = None) -> TrainResult:
     """One ``qksweep train``: open (or find) its MLflow run, fit the trainer, close the run with how it ended."""
-    from ..checks import check_reachable
+    from ..checks import check_reachable, prepare_inputs
     from ..cluster.connect import ensure_ray
     from ..storage import probe
 
     name = run_name or cfg.run.name or default_run_name(cfg)
     check_reachable(cfg)  # a cluster or tracking server that does not answer: one line, before Ray or MLflow
     probe(cfg.run.storage)  # a missing or unreachable bucket: one line, before the MLflow run
+    prepare_inputs(cfg)  # downloads asked for, event data integrated to frames: before the MLflow run
     run: TrackedRun | None = None
     if cfg.tracking.enabled:
         from ..models import run_neuron_params

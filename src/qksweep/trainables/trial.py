@@ -136,16 +136,18 @@ def static_values(cfg) -> dict[str, float]:
     wanted = [k for k in cfg.sweep.constraints if k in STATIC_CONSTRAINTS]
     if not wanted:
         return {}
+    from ..data import data_shape
     from ..snn import static_checks
 
+    in_chans, frames = data_shape(cfg.data)  # event data: 2 channels, one time step per frame
     out = {}
     for key in wanted:
         if key == "params_m":
-            out[key] = static_checks.param_count_m(cfg)
+            out[key] = static_checks.param_count_m(cfg, in_chans=in_chans)
         else:
             out[key] = static_checks.activation_memory_estimate_gb(
                 cfg.model.name, cfg.model.overrides(), cfg.data.img_size, cfg.data.batch_size,
-                cfg.model.time_steps)
+                frames or cfg.model.time_steps, in_chans=in_chans)
     return out
 
 
