@@ -35,7 +35,7 @@ def test_shipped_configs_validate(name, tmp_path):
     from qksweep.checks import check_config
     from qksweep.checks import check_sweep
 
-    from .event_data import make_event_dataset
+    from qksweep.data.fake_events import make_event_dataset
 
     raw = yaml.safe_load((ROOT / "configs" / name).read_text())
     if raw["data"]["name"] in ("cifar10_dvs", "dvs128_gesture", "n_mnist"):  # the user's own archives

@@ -5,7 +5,6 @@ sweep on event frames."""
 from __future__ import annotations
 
 import multiprocessing as mp
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from qksweep.data.events import EventFrames, SNNAugmentWide, frames_dir, resize_
 from qksweep.models import create_model, frames_batch_first
 
 from .conftest import tiny_config
-from .event_data import make_event_dataset
+from qksweep.data.fake_events import make_event_dataset
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -100,8 +99,9 @@ def test_split_per_class_is_spikingjellys_rule():
     assert split_per_class(targets) == _split_class_indices(label_idx, 0.9, False)
 
 
-def _build(root: str, q) -> None:
+def _build(root: str, q, start) -> None:
     try:
+        start.wait(timeout=60)  # both processes have imported everything: their first builds coincide
         b = build_data(DataConfig(name="dvs128_gesture", root=root, frames=3, img_size=32))
         q.put(len(b.train))
     except Exception as e:  # noqa: BLE001 - the parent reports it
@@ -110,18 +110,18 @@ def _build(root: str, q) -> None:
 
 def test_two_processes_building_one_root_do_not_race(tmp_path):
     # SpikingJelly refuses a cache another process is still writing (its .building marker): without the
-    # root's lock one of three concurrent first builds fails (most runs)
-    root = make_event_dataset(tmp_path / "g", "dvs128_gesture", per_class=30, n_events=3000)
+    # root's lock one of two concurrent first builds fails
+    root = make_event_dataset(tmp_path / "g", "dvs128_gesture", per_class=20, n_events=2000)
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_build, args=(str(root), q)) for _ in range(3)]
+    q, start = ctx.Queue(), ctx.Barrier(2)
+    procs = [ctx.Process(target=_build, args=(str(root), q, start)) for _ in range(2)]
     for p in procs:
         p.start()
     got = [q.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(timeout=30)
-    assert got == [90, 90, 90], got
-    assert len(list(frames_dir(DataConfig(name="dvs128_gesture", root=str(root), frames=3)).rglob("*.npz"))) == 90 + 12
+    assert got == [60, 60], got
+    assert len(list(frames_dir(DataConfig(name="dvs128_gesture", root=str(root), frames=3)).rglob("*.npz"))) == 60 + 12
 
 
 def test_augmentation_keeps_counts_and_is_off_for_validation():

@@ -144,6 +144,9 @@ def eval_transform(cfg: Any, mean: Sequence[float], std: Sequence[float]):
     (e.g. for `predict`).  Pass the bundle's (or checkpoint's) mean/std."""
     opts = options(cfg)
     spec = get_spec(opts.name)
+    if spec.events:
+        raise DataError(f"{opts.name} gives event frames, not images: a model trained on them cannot read an "
+                        "image file; validate it on its event data (qksweep validate RUN)")
     if spec.eval_transform is None:
         raise DataError(f"data.name: dataset {opts.name!r} has no eval transform")
     return spec.eval_transform(opts, tuple(mean), tuple(std))
