@@ -3,6 +3,7 @@ restart by run name."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -26,7 +27,8 @@ def _runs(uri: str):
 
 
 def test_two_workers_log_one_run_with_epochs_and_checkpoint(ray_session, workdir):
-    cfg = tiny_config(workdir, run={"workers": 2}, spectral={"enabled": True, "every": 10})
+    cfg = tiny_config(workdir, run={"workers": 2}, spectral={"enabled": True, "every": 10},
+                      tracking={"system_metrics": True, "system_metrics_interval_s": 0.5})
     res = api.train(cfg)
     c, runs = _runs(cfg["tracking"]["uri"])
     assert len(runs) == 1 and runs[0].info.run_id == res.run_id
@@ -41,6 +43,14 @@ def test_two_workers_log_one_run_with_epochs_and_checkpoint(ray_session, workdir
     top1 = c.get_metric_history(res.run_id, "val/top1")[-1].value
     assert abs(top1 * 359 - round(top1 * 359)) < 1e-6
     assert c.get_metric_history(res.run_id, "spec/stage1.0.mlp.fc1/sigma_max"), "spectra logged"
+    # tracking.system_metrics: MLflow's monitor sampled the process that trains (rank 0)
+    assert c.get_metric_history(res.run_id, "system/cpu_utilization_percentage")
+    assert c.get_metric_history(res.run_id, "system/system_memory_usage_megabytes")
+    # lineage: the train and validation sets as dataset inputs, once each, with their sizes
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["digits-train", "digits-validation"]
+    assert json.loads(inputs["digits-validation"].dataset.profile)["num_rows"] == 359
+    assert {t.value for i in inputs.values() for t in i.tags} == {"training", "validation"}
     arts = {a.path for a in c.list_artifacts(res.run_id)}
     assert {"config.yaml", "checkpoints", "plots"} <= arts
     best = {a.path for a in c.list_artifacts(res.run_id, "checkpoints/best")}
@@ -58,6 +68,9 @@ def test_same_seed_same_validation_metrics(ray_session, workdir):
     b = api.train(tiny_config(workdir / "b"))
     for k in ("val/loss", "val/top1", "train/loss"):
         assert a.metrics[k] == b.metrics[k], k
+    digests = [{i.dataset.name: i.dataset.digest for i in MlflowClient(f"sqlite:///{workdir / d / 'mlflow.db'}")
+                .get_run(r.run_id).inputs.dataset_inputs} for d, r in (("a", a), ("b", b))]
+    assert digests[0] == digests[1] and len(digests[0]) == 2  # the same data: the same MLflow datasets
 
 
 def test_train_from_python_leaves_no_controller_and_keeps_the_callers_ctrl_c(ray_session, workdir):

@@ -203,6 +203,8 @@ class TrackingConfig(_Section):
     # precedence: -s tracking.uri / the config file, then $MLFLOW_TRACKING_URI, then sqlite:///mlflow.db
     uri: str = Field(default_factory=default_tracking_uri)
     enabled: bool = True
+    system_metrics: bool = False  # MLflow's system metrics (CPU, memory, GPU) in each run, from the process that trains
+    system_metrics_interval_s: float = Field(default=10.0, gt=0)
 
 
 class SpectralConfig(_Section):

@@ -83,6 +83,8 @@ class MLflowEpochLogger(UserCallback):
             self._best = float(value)
             out.append({"type": "best", "uri": self.tracking_uri, "run_id": self.run_id, "metric": self.metric,
                         "mode": self.mode, "value": float(value), "checkpoint": _checkpoint_uri(checkpoint, self.run_dir)})
+        if m.get("_dataset"):  # what the run trains on (the first epoch of each training process)
+            out.append({"type": "inputs", "uri": self.tracking_uri, "run_id": self.run_id, "datasets": m["_dataset"]})
         if checkpoint is not None:  # what rank 0 published with its last epoch (after the best: it may replace it)
             for artifact_path, folder in (m.get("_publish") or {}).items():
                 out.append({"type": "artifacts", "uri": self.tracking_uri, "run_id": self.run_id, "folder": folder,

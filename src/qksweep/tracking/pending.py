@@ -18,6 +18,8 @@ One JSON object a line, in the order things happened:
 - ``{"type": "artifacts", "uri", "run_id", "checkpoint", "folder", "artifact_path"}``: upload the folder
   ``folder`` of that checkpoint as ``artifact_path`` (what rank 0 published with its last epoch: the
   spectral plots, the best pruned checkpoint as ``checkpoints/best``).
+- ``{"type": "inputs", "uri", "run_id", "datasets": [{name, digest, source_type, source, profile, context}]}``:
+  the run's train and validation sets as MLflow dataset inputs (those it does not hold yet).
 - ``{"type": "close", "uri", "run_id", "status", "tags", "checkpoint", ...}``: close the run (FINISHED with the
   last checkpoint and learning curves, KILLED, FAILED, or ``auto``: as the sweep callback decides for a
   trial Tune stopped). ``run_id`` may be null, with ``experiment`` and ``lookup`` tags to find the run.
@@ -253,6 +255,8 @@ class Sender:
             self._send_best(r, end)
         elif kind == "artifacts":
             self._send_artifacts(r, end)
+        elif kind == "inputs":
+            self._send_inputs(r, end)
         else:
             raise ValueError(f"unknown pending record type {kind!r}")
 
@@ -283,6 +287,19 @@ class Sender:
             src = Path(d) / r["folder"]
             if src.is_dir():
                 self._call(lambda: self._c(uri).log_artifacts(run_id, str(src), r["artifact_path"]), "artifact upload", end)
+
+    def _send_inputs(self, r: dict[str, Any], end: float) -> None:
+        """The run's datasets as MLflow inputs, those it does not hold yet (by name and digest)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        uri, run_id = r["uri"], r["run_id"]
+        run = self._call(lambda: self._c(uri).get_run(run_id), "run inputs", end)
+        held = {(i.dataset.name, i.dataset.digest) for i in (run.inputs.dataset_inputs if run.inputs else [])}
+        new = [DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"], profile=d["profile"]),
+                            tags=[InputTag("mlflow.data.context", d["context"])])
+               for d in r["datasets"] if (d["name"], d["digest"]) not in held]
+        if new:
+            self._call(lambda: self._c(uri).log_inputs(run_id, datasets=new), "dataset logging", end)
 
     def _close(self, r: dict[str, Any], end: float) -> None:
         uri, run_id = r["uri"], r.get("run_id")

@@ -41,7 +41,7 @@ def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: l
     trainer_cls, backend = trainer_class(cfg.run.workers, gpus)
     return without_ray_data(trainer_cls)(
         train_loop,
-        train_loop_config=loop_config(cfg, resume_from=resume_from, extra=extra),
+        train_loop_config=loop_config(cfg, resume_from=resume_from, extra={**(extra or {}), "run_id": run_id}),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.workers, use_gpu=gpus > 0,
                                                resources_per_worker=resources),
         run_config=run_config,

@@ -101,7 +101,7 @@ def fit_in_trial(cfg, run: TrackedRun | None, name: str, label: str):
     ts = TuneSession(gpus=cfg.run.gpus_per_worker, static=result_static(cfg, run), after_persist=after)
     session = ts.session()
     kill_point("train_run")
-    train_loop(loop_config(cfg), session=session)
+    train_loop(loop_config(cfg, extra={"run_id": run and run.run_id}), session=session)
     return ts.last_checkpoint or ray.tune.get_checkpoint()  # restored with no epoch left: the one it had
 
 

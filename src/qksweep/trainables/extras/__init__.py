@@ -24,6 +24,7 @@ from ..core import Core, all_max
 from .base import Extra
 from .distill import Distillation
 from .ema import EMA
+from .lineage import DatasetInputs, SystemMetrics
 from .prune import Pruning
 from .snn import FiringRateStop, SNNMeasures
 from .spectral import SpectralMonitorExtra, SpectralStop
@@ -43,6 +44,8 @@ def build_extras(core: Core, loop_config: dict[str, Any]) -> list[Extra]:
         FiringRateStop.build(core),
         Distillation.build(core, loop_config),
         Pruning.build(core),
+        DatasetInputs.build(core),
+        SystemMetrics.build(core, loop_config),
     ]
     return [e for e in extras if e is not None]
 
