@@ -386,7 +386,10 @@ def head(tmp_path_factory):
     # they starve behind any busy process on a 2-CPU box
     env.update({"RAY_AUTH_TOKEN_PATH": str(token), "QKSWEEP_TEST_HEAD": marker, "RAY_DEDUP_LOGS": "0",
                 "RAY_worker_niceness": "0",
-                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
+                # a head started as `.venv/bin/ray start` without the venv activated: no qksweep on its PATH
+                # (the job must be run by the head's own Python, which `qksweep submit` asks the head for)
+                "PATH": os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                                        if p and Path(p).resolve() != Path(sys.executable).parent.resolve())})
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={gcs}",
            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent}",
@@ -518,3 +521,29 @@ def test_token_auth_wrong_or_missing_token(head, tmp_path):
     r = subprocess.run([sys.executable, "-m", "qksweep.cli", "jobs", "list", "--address", head.address],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and "no token was found" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_submit_asks_the_head_for_its_python_and_its_qksweep(head, tmp_path, monkeypatch):
+    # the head's PATH lacks the venv (the fixture): the probe finds the Python the head's Ray runs on
+    import qksweep
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", head.env["RAY_AUTH_TOKEN_PATH"])
+    client = jobs.connect(head.address, quiet=True)
+    got = jobs.head_python(client, head.address)
+    assert Path(got.python).resolve() == Path(sys.executable).resolve() and got.version == qksweep.__version__
+    sub = jobs.with_python(jobs.Submission(address=head.address, name="x", entrypoint="qksweep sweep c.yaml --name x",
+                                           runtime_env={}, submission_id="x", metadata={}, config=None), got)
+    assert sub.entrypoint.split()[:3] == [got.python, "-m", "qksweep"]
+    # a different qksweep first on the head's path, and one that cannot be imported: one line each
+    for folder, body in (("other", "__version__ = '9.9.9'\n"), ("broken", "raise ImportError('half installed')\n")):
+        (tmp_path / folder / "qksweep").mkdir(parents=True)
+        (tmp_path / folder / "qksweep" / "__init__.py").write_text(body)
+    with pytest.raises(ConfigError) as e:
+        jobs.head_python(client, head.address, {"PYTHONPATH": str(tmp_path / "other")})
+    msg = str(e.value)
+    assert "qksweep 9.9.9" in msg and qksweep.__version__ in msg and f"pip install qksweep=={qksweep.__version__}" in msg
+    with pytest.raises(ConfigError, match="cannot import qksweep .ImportError: half installed"):
+        jobs.head_python(client, head.address, {"PYTHONPATH": str(tmp_path / "broken")})
+    # the probes are not the user's jobs
+    assert not any(r["id"].startswith("qksweep-probe-") for r in jobs.job_rows(client))

@@ -11,6 +11,18 @@ from typing import TYPE_CHECKING, Any
 
 __all__ = ["train", "sweep", "resume", "continue_trial", "results"]
 
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qksweep")
+    except PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+        return "0+unknown"
+
+
+__version__ = _version()
+
 if TYPE_CHECKING:
     from .api import continue_trial, results, resume, sweep, train
 

@@ -64,7 +64,8 @@ def cmd_submit(args) -> int:
         for w in sub.warnings:
             jobs.warn(w)
         client = jobs.connect(sub.address, quiet=True)
-        job_id = jobs.submit(sub, client)
+        head = jobs.head_python(client, sub.address, sub.runtime_env.get("env_vars"))  # its Python, its qksweep
+        job_id = jobs.submit(jobs.with_python(sub, head), client)
     finally:
         sub.cleanup()
     print(f"submitted {job_id}: {sub.entrypoint}")

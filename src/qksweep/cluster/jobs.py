@@ -274,6 +274,76 @@ def build_submission(config: str | Path, overrides: list[str] | None, address: s
                       warnings=checked.warnings + security_warnings(a), workdir=workdir)
 
 
+# ---------------------------------------------------------------- the head's Python
+
+HEAD_MARK = "QKSWEEP-HEAD "
+HEAD_PROBE_TIMEOUT_S = 90.0
+# Ray Jobs runs an entrypoint through /bin/sh -c, a child of the job's supervisor: a worker process of the
+# head's Ray, whatever the PATH says. Its Python is found from where it loaded Ray from
+# (<prefix>/lib/pythonX.Y/site-packages/ray/_raylet.so -> <prefix>/bin/python3: a venv's own Python, which
+# /proc/$PPID/exe, the resolved base interpreter, is not); then that binary; then python3 on the PATH.
+_HEAD_PYTHON = (
+    'py=""; so="$(grep -m1 -o "/[^ ]*/site-packages/ray/_raylet.so" /proc/$PPID/maps 2>/dev/null)"; '
+    'if [ -n "$so" ]; then prefix="${so%/lib/python*/site-packages/ray/_raylet.so}"; '
+    'for c in "$prefix/bin/python3" "$prefix/bin/python"; do [ -x "$c" ] && { py="$c"; break; }; done; fi; '
+    '[ -n "$py" ] || py="$(readlink -f /proc/$PPID/exe 2>/dev/null)"; [ -x "$py" ] || py="$(command -v python3)"; '
+)
+_PROBE = ("import json, sys\n"
+          "try:\n    import qksweep\n    info = {'version': qksweep.__version__}\n"
+          "except Exception as e:\n    info = {'version': None, 'error': f'{type(e).__name__}: {e}'}\n"
+          f"print({HEAD_MARK!r} + json.dumps(dict(info, python=sys.executable)), flush=True)")
+
+
+@dataclass(frozen=True)
+class HeadPython:
+    python: str
+    version: str
+
+
+def local_version() -> str:
+    import qksweep
+
+    return qksweep.__version__
+
+
+def head_python(client, address: str, env: dict[str, str] | None = None,
+                timeout: float = HEAD_PROBE_TIMEOUT_S) -> HeadPython:
+    """Ask the cluster, with a small job in the job's environment (``env``: its env_vars), which Python runs
+    it and which qksweep that Python imports; a missing or different qksweep is one line naming both
+    versions and the fix."""
+    job = f"qksweep-probe-{uuid.uuid4().hex[:8]}"
+    _call(client, "head probe", lambda: client.submit_job(
+        entrypoint=_HEAD_PYTHON + 'exec "$py" -c ' + shlex.quote(_PROBE), submission_id=job,
+        metadata={"qksweep.kind": "probe"}, runtime_env={"env_vars": {**RAY_ENV, **(env or {})}}))
+    st = wait_until_terminal(client, job, timeout, poll=0.5)
+    logs = _call(client, "logs", lambda: client.get_job_logs(job), job) or ""
+    line = next((x[len(HEAD_MARK):] for x in logs.splitlines() if x.startswith(HEAD_MARK)), None)
+    if line is None:
+        tail = " ".join(logs.split())[-200:] or f"job {job} {st}"
+        raise ConfigError(f"the head at {address} did not say which Python runs it ({tail}); check that its "
+                          "Ray can start jobs (`ray job submit -- python3 -V`)")
+    info = json.loads(line)
+    mine = local_version()
+    if info.get("version") is None:
+        raise ConfigError(f"the head's Python {info['python']} cannot import qksweep ({info.get('error')}); install "
+                          f"it there (`{info['python']} -m pip install qksweep=={mine}`) or start the head's Ray "
+                          "from the environment that has it")
+    if info["version"] != mine:
+        raise ConfigError(f"the head runs qksweep {info['version']} ({info['python']}) and this machine {mine}: "
+                          f"install the same version on both (`{info['python']} -m pip install qksweep=={mine}`)")
+    return HeadPython(info["python"], info["version"])
+
+
+def with_python(sub: Submission, head: HeadPython) -> Submission:
+    """``sub`` with its entrypoint run by the head's own Python (``python -m qksweep ...``), not a
+    ``qksweep`` found through the head's PATH."""
+    args = shlex.split(sub.entrypoint)
+    if args[:1] == ["qksweep"]:
+        args = [head.python, "-m", "qksweep", *args[1:]]
+    sub.entrypoint = shlex.join(args)
+    return sub
+
+
 def submit(sub: Submission, client=None) -> str:
     """Send ``sub`` (uploading its working_dir) and return the submission id."""
     client = client or connect(sub.address, quiet=True)
@@ -360,6 +430,8 @@ def job_rows(client) -> list[dict[str, Any]]:
     jobs = _call(client, "listing jobs", client.list_jobs)
     rows = []
     for j in jobs:
+        if (j.metadata or {}).get("qksweep.kind") == "probe":  # qksweep submit's question to the head
+            continue
         rows.append({
             "id": j.submission_id or j.job_id or "-",
             "status": str(getattr(j.status, "value", j.status)),
