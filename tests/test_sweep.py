@@ -64,6 +64,8 @@ def test_four_trial_sweep_parent_children_asha_and_continue(ray_session, workdir
         steps = [m.step for m in c.get_metric_history(r.info.run_id, "val/loss")]
         assert sorted(steps) == list(range(1, len(steps) + 1)), "one value per epoch, step=epoch"
         assert all(c.get_metric_history(r.info.run_id, k) for k in ("train/loss", "val/top5", "lr"))
+        # lineage on the trial path too: the trial's train and validation sets, once each
+        assert sorted(i.dataset.name for i in r.inputs.dataset_inputs) == ["digits-train", "digits-validation"]
         if r.info.status == "KILLED":
             # the decision is taken at a rung (1 or 2); the worker may finish one more epoch meanwhile
             assert r.data.tags["qksweep.stopped_by"] == "asha" and int(r.data.tags["qksweep.stopped_at_epoch"]) <= 2
@@ -175,6 +177,7 @@ def test_killed_trial_process_restarts_from_its_checkpoint(ray_session, workdir)
     from qksweep.cluster.connect import state_api_address
 
     cfg = sweep_config(workdir, scheduler={"name": "none"}, num_samples=1)
+    cfg["optim"]["epochs"] = 6  # time for the killer to see epoch 2 and find the process on a busy machine
     uri = cfg["tracking"]["uri"]
     done: dict = {}
 
@@ -204,10 +207,10 @@ def test_killed_trial_process_restarts_from_its_checkpoint(ray_session, workdir)
     c, trials, parents = trial_runs(uri, "trialkill")
     assert len(trials) == 1 and trials[0].info.status == "FINISHED" and res.best_trial_id
     steps = [m.step for m in c.get_metric_history(trials[0].info.run_id, "epoch")]
-    assert sorted(steps) == [1, 2, 3, 4], f"each epoch once: {steps}"
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6], f"each epoch once: {steps}"
     history = [json.loads(line) for line in next((workdir / "results" / "trialkill").glob("*/result.json")).read_text().splitlines()]
     epochs = [h["epoch"] for h in history]
-    assert epochs.count(1) == 1 and epochs[-1] == 4, f"resumed from its checkpoint, not started again: {epochs}"
+    assert epochs.count(1) == 1 and epochs[-1] == 6, f"resumed from its checkpoint, not started again: {epochs}"
 
 
 def test_ctrl_c_saves_state_exits_130_and_resume_finishes(ray_session, workdir):
