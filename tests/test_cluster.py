@@ -523,27 +523,46 @@ def test_token_auth_wrong_or_missing_token(head, tmp_path):
     assert r.returncode == 2 and "no token was found" in r.stderr, r.stderr
 
 
+_PROBE_HEAD = """
+import json, sys
+from qksweep.cluster import jobs
+from qksweep.config import ConfigError
+address, other, broken = sys.argv[1:4]
+client = jobs.connect(address, quiet=True)
+out = {}
+got = jobs.head_python(client, address)
+out["python"], out["version"] = got.python, got.version
+sub = jobs.Submission(address=address, name="x", entrypoint="qksweep sweep c.yaml --name x", runtime_env={},
+                      submission_id="x", metadata={}, config=None)
+out["entrypoint"] = jobs.with_python(sub, got).entrypoint
+for key, folder in (("other", other), ("broken", broken)):
+    try:
+        jobs.head_python(client, address, {"PYTHONPATH": folder})
+        out[key] = None
+    except ConfigError as e:
+        out[key] = str(e)
+out["listed"] = [r["id"] for r in jobs.job_rows(client)]
+print(json.dumps(out))
+"""
+
+
 @pytest.mark.slow
-def test_submit_asks_the_head_for_its_python_and_its_qksweep(head, tmp_path, monkeypatch):
-    # the head's PATH lacks the venv (the fixture): the probe finds the Python the head's Ray runs on
+def test_submit_asks_the_head_for_its_python_and_its_qksweep(head, tmp_path):
+    # the head's PATH lacks the venv (the fixture): the probe finds the Python the head's Ray runs on. In a
+    # process of its own, with the head's token (this one may hold another Ray's)
     import qksweep
 
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", head.env["RAY_AUTH_TOKEN_PATH"])
-    client = jobs.connect(head.address, quiet=True)
-    got = jobs.head_python(client, head.address)
-    assert Path(got.python).resolve() == Path(sys.executable).resolve() and got.version == qksweep.__version__
-    sub = jobs.with_python(jobs.Submission(address=head.address, name="x", entrypoint="qksweep sweep c.yaml --name x",
-                                           runtime_env={}, submission_id="x", metadata={}, config=None), got)
-    assert sub.entrypoint.split()[:3] == [got.python, "-m", "qksweep"]
     # a different qksweep first on the head's path, and one that cannot be imported: one line each
     for folder, body in (("other", "__version__ = '9.9.9'\n"), ("broken", "raise ImportError('half installed')\n")):
         (tmp_path / folder / "qksweep").mkdir(parents=True)
         (tmp_path / folder / "qksweep" / "__init__.py").write_text(body)
-    with pytest.raises(ConfigError) as e:
-        jobs.head_python(client, head.address, {"PYTHONPATH": str(tmp_path / "other")})
-    msg = str(e.value)
-    assert "qksweep 9.9.9" in msg and qksweep.__version__ in msg and f"pip install qksweep=={qksweep.__version__}" in msg
-    with pytest.raises(ConfigError, match="cannot import qksweep .ImportError: half installed"):
-        jobs.head_python(client, head.address, {"PYTHONPATH": str(tmp_path / "broken")})
-    # the probes are not the user's jobs
-    assert not any(r["id"].startswith("qksweep-probe-") for r in jobs.job_rows(client))
+    r = subprocess.run([sys.executable, "-c", _PROBE_HEAD, head.address, str(tmp_path / "other"), str(tmp_path / "broken")],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, **head.env})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert Path(out["python"]).resolve() == Path(sys.executable).resolve() and out["version"] == qksweep.__version__
+    assert out["entrypoint"].split()[:3] == [out["python"], "-m", "qksweep"]
+    v = qksweep.__version__
+    assert "qksweep 9.9.9" in out["other"] and v in out["other"] and f"pip install qksweep=={v}" in out["other"]
+    assert "cannot import qksweep (ImportError: half installed)" in out["broken"]
+    assert not any(x.startswith("qksweep-probe-") for x in out["listed"])  # the probes are not the user's jobs
