@@ -307,6 +307,13 @@ def _subset(ds, indices: Sequence[int] | None, n: int | None, seed: int):
     return ds if indices is None and len(idx) == len(targets) else Subset(ds, idx.tolist())
 
 
+def _check(info: EventInfo):
+    def check(opts: DataOptions) -> None:
+        check_events(info, opts)
+
+    return check
+
+
 def _prepare(info: EventInfo):
     def prepare(opts: DataOptions) -> None:
         check_events(info, opts)
@@ -350,7 +357,7 @@ def _builder(info: EventInfo):
 for _info in EVENTS.values():
     register_dataset(
         _info.name,
-        check=(lambda i: (lambda opts: check_events(i, opts)))(_info),
+        check=_check(_info),
         prepare=_prepare(_info),
         aliases=(_info.cls.lower(),),
         description=f"SpikingJelly {_info.cls} event frames ({_info.num_classes} classes, "

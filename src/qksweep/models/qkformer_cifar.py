@@ -191,22 +191,27 @@ class QKFormerCIFAR(nn.Module):
         functional.set_step_mode(self, "m")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 4:
-            x = x.unsqueeze(0).repeat(self.time_steps, 1, 1, 1, 1)
-        elif x.ndim != 5:
-            raise ValueError(f"expected [N, C, H, W] or [T, N, C, H, W] input, got {tuple(x.shape)}")
-        for embed, stage in (
-            (self.patch_embed1, self.stage1),
-            (self.patch_embed2, self.stage2),
-            (self.patch_embed3, self.stage3),
-        ):
-            x = embed(x)
-            t, n, c, h, w = x.shape
-            x = x.flatten(3)
-            for blk in stage:
-                x = blk(x)
-            x = x.reshape(t, n, c, h, w)
-        return self.head(x.flatten(3).mean(3).mean(0))
+        return forward_stages(x, self.time_steps, (
+            (self.patch_embed1, self.stage1), (self.patch_embed2, self.stage2), (self.patch_embed3, self.stage3),
+        ), self.head)
+
+
+def forward_stages(x: torch.Tensor, time_steps: int, stages, head: nn.Module) -> torch.Tensor:
+    """The QKFormers' forward: a static ``[N, C, H, W]`` image repeated over ``time_steps`` (``[T, N, C, H, W]``
+    frames run as they are), each (embedding, blocks) stage on ``[T, N, C, H*W]`` tokens, then the head on
+    the mean over tokens and time."""
+    if x.ndim == 4:
+        x = x.unsqueeze(0).repeat(time_steps, 1, 1, 1, 1)
+    elif x.ndim != 5:
+        raise ValueError(f"expected [N, C, H, W] or [T, N, C, H, W] input, got {tuple(x.shape)}")
+    for embed, stage in stages:
+        x = embed(x)
+        t, n, c, h, w = x.shape
+        x = x.flatten(3)
+        for blk in stage:
+            x = blk(x)
+        x = x.reshape(t, n, c, h, w)
+    return head(x.flatten(3).mean(3).mean(0))
 
 
 def _check(name: str, args: dict, given: frozenset) -> None:

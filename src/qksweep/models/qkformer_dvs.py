@@ -32,7 +32,7 @@ from spikingjelly.activation_based import functional, layer
 
 from ._registry import ModelArgError, fmt_arg, register_model
 from .neurons import model_neurons
-from .qkformer_cifar import DownEmbed, QKFormerBlock, _conv_bn, _lif
+from .qkformer_cifar import DownEmbed, QKFormerBlock, _conv_bn, _lif, forward_stages
 
 __all__ = ["QKFormerDVS", "qkformer_dvs"]
 
@@ -98,18 +98,8 @@ class QKFormerDVS(nn.Module):
         functional.set_step_mode(self, "m")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 4:
-            x = x.unsqueeze(0).repeat(self.time_steps, 1, 1, 1, 1)
-        elif x.ndim != 5:
-            raise ValueError(f"expected [T, N, C, H, W] frames or an [N, C, H, W] image, got {tuple(x.shape)}")
-        for embed, stage in ((self.patch_embed1, self.stage1), (self.patch_embed2, self.stage2)):
-            x = embed(x)
-            t, n, c, h, w = x.shape
-            x = x.flatten(3)
-            for blk in stage:
-                x = blk(x)
-            x = x.reshape(t, n, c, h, w)
-        return self.head(x.flatten(3).mean(3).mean(0))
+        return forward_stages(x, self.time_steps, ((self.patch_embed1, self.stage1), (self.patch_embed2, self.stage2)),
+                              self.head)
 
 
 def _check(name: str, args: dict, given: frozenset) -> None:
