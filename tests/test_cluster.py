@@ -187,6 +187,19 @@ def test_build_submission_resume_entrypoint(tmp_path, no_network):
         sub.cleanup()
 
 
+def test_the_jobs_table_shows_the_command_as_typed_not_the_heads_python(tmp_path, no_network):
+    cfg = write_config(tmp_path)
+    sub = jobs.build_submission(cfg, [], "http://127.0.0.1:8265", resume="old sweep")
+    try:
+        typed = sub.entrypoint
+        ran = jobs.with_python(sub, jobs.HeadPython("/opt/my env/bin/python3", "0")).entrypoint
+        assert shlex.split(ran)[:3] == ["/opt/my env/bin/python3", "-m", "qksweep"]
+        assert jobs.as_typed(ran) == typed and typed.startswith("qksweep resume ")
+        assert jobs.as_typed("echo 'unbalanced") == "echo 'unbalanced"
+    finally:
+        sub.cleanup()
+
+
 def test_submit_refuses_bad_sweep_before_connecting(tmp_path, no_network):
     cfg = write_config(tmp_path)
     with pytest.raises(ConfigError, match="sweep.metric"):

@@ -426,6 +426,18 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def as_typed(entrypoint: str) -> str:
+    """The entrypoint as the user typed it: ``<head python> -m qksweep sweep ...`` reads ``qksweep sweep ...``
+    (the table has a column's width, and which Python ran it is in ``qksweep jobs status``)."""
+    try:
+        args = shlex.split(entrypoint)
+    except ValueError:
+        return entrypoint
+    if len(args) >= 3 and args[1:3] == ["-m", "qksweep"]:
+        return shlex.join(["qksweep", *args[3:]])
+    return entrypoint
+
+
 def job_rows(client) -> list[dict[str, Any]]:
     jobs = _call(client, "listing jobs", client.list_jobs)
     rows = []
@@ -438,7 +450,7 @@ def job_rows(client) -> list[dict[str, Any]]:
             "sweep": (j.metadata or {}).get("qksweep.sweep", "-"),
             "start": _fmt_time(j.start_time),
             "end": _fmt_time(j.end_time),
-            "entrypoint": mask_secrets(j.entrypoint or ""),
+            "entrypoint": mask_secrets(as_typed(j.entrypoint or "")),
             "start_time": j.start_time or 0,
         })
     rows.sort(key=lambda r: r["start_time"])
