@@ -60,7 +60,7 @@ def options(parser: argparse.ArgumentParser):
 KIND_BY_DEST = {
     "debug": "flag", "sweeps": "flag", "pareto": "flag", "follow": "flag", "force": "flag", "ema": "flag",
     "pretrained": "flag", "split_qkv": "flag", "save_vectors": "flag", "full": "flag", "svd_on_cpu": "flag",
-    "copy": "flag",
+    "copy": "flag", "dry_run": "flag",
     "format": "choice", "which": "choice", "dtype": "choice", "kind": "choice",
     "config": "config_file",
     "overrides": "override",
@@ -71,6 +71,7 @@ KIND_BY_DEST = {
     "num_samples": "positive_int", "epochs": "positive_int", "batch_size": "positive_int",
     "topk": "positive_int", "width": "positive_int", "subset_size": "positive_int", "val_size": "positive_int",
     "num_classes": "positive_int", "gpus_per_node": "positive_int", "max_workers": "positive_int",
+    "keep_best": "positive_int",
     "limit": "nonneg_int",
     "seed": "seed", "wait": "seconds", "val_ratio": "fraction",
     "run_id": "run_id", "source": "source", "sweep": "sweep_lookup", "experiment": "experiment",
@@ -131,7 +132,7 @@ FILLERS = {
 }
 # options given with every case of a command: the store of the lookups
 ALWAYS = {"best": ["--tracking-uri", "{store}"], "runs": ["--tracking-uri", "{store}"],
-          "continue": ["--tracking-uri", "{store}"], "resume": ["--storage", "{tmp}"]}
+          "continue": ["--tracking-uri", "{store}"], "resume": ["--storage", "{tmp}"], "gc": ["--storage", "{tmp}"]}
 
 
 # what a lookup's refusal names instead of the option (a run id, a sweep that is not there)

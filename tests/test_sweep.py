@@ -51,6 +51,7 @@ def trial_runs(uri, sweep):
 
 def test_four_trial_sweep_parent_children_asha_and_continue(ray_session, workdir):
     cfg = sweep_config(workdir)
+    cfg["run"]["keep_checkpoints"] = 3  # Ray keeps 3 while a trial trains; the sweep's end keeps best and last
     uri = cfg["tracking"]["uri"]
     res = api.sweep(cfg, name="four")
     c, trials, parents = trial_runs(uri, "four")
@@ -116,7 +117,31 @@ def test_four_trial_sweep_parent_children_asha_and_continue(ray_session, workdir
     state, _ = load_checkpoint(workdir / "exported" / "checkpoint")  # torch.load(weights_only=True)
     assert "model" in state and json.loads((workdir / "exported" / "metrics.json").read_text())
 
-    # continue the stopped trial to the full budget as a new run linked to the old one
+    # checkpoint clean-up: at the sweep's end each trial keeps its best and last checkpoint (as its
+    # result.json says), and the parent run records the storage used before and after
+    sweep_dir = workdir / "results" / "four"
+    for tdir in sweep_dir.glob("trial_driver_*"):
+        rows = [json.loads(line) for line in (tdir / "result.json").read_text().splitlines()]
+        at = {Path(r["checkpoint_path"]).name: r for r in rows if r.get("checkpoint_path")}
+        last = max(at, key=lambda k: at[k]["epoch"])
+        best = min(at, key=lambda k: (at[k]["val/loss"], -at[k]["epoch"]))
+        assert {p.name for p in tdir.glob("checkpoint_*")} == {best, last}, tdir.name
+    before, after = (c.get_metric_history(parent_id, f"storage/bytes_{k}") for k in ("before", "after"))
+    assert len(before) == len(after) == 1 and 0 < after[0].value <= before[0].value
+    if any(len(c.get_metric_history(r.info.run_id, "epoch")) >= 3 for r in trials):  # Ray had kept 3 of it
+        assert after[0].value < before[0].value
+    # `qksweep gc --keep-best 1`: a dry run removes nothing; then only the best trial keeps checkpoints
+    ckpts = sorted(sweep_dir.glob("*/checkpoint_*"))
+    out = run_cli("gc", "four", "--storage", str(workdir / "results"), "--keep-best", "1", "--dry-run", cwd=workdir, timeout=120)
+    assert out.returncode == 0 and "dry run: nothing removed" in out.stdout, out.stdout + out.stderr
+    assert sorted(sweep_dir.glob("*/checkpoint_*")) == ckpts
+    out = run_cli("gc", "four", "--storage", str(workdir / "results"), "--keep-best", "1", cwd=workdir, timeout=120)
+    assert out.returncode == 0 and "removed" in out.stdout, out.stdout + out.stderr
+    assert {p.parent.name.split("_")[2] for p in sweep_dir.glob("*/checkpoint_*")} == {res.best_trial_id}
+    assert len(c.get_metric_history(parent_id, "storage/bytes_after")) == 2
+
+    # continue the stopped trial to the full budget as a new run linked to the old one (from its MLflow
+    # checkpoint: gc removed it from the storage unless it was the best)
     old = stopped[0]
     done = len(c.get_metric_history(old.info.run_id, "epoch"))
     cont = api.continue_trial(old.info.run_id, epochs=5, tracking_uri=uri)

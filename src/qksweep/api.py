@@ -82,6 +82,27 @@ def resume(name_or_path: str, *, storage: str | None = None):
     return resume_sweep(name_or_path, storage=storage)
 
 
+def gc(name_or_path: str, *, storage: str | None = None, keep_best: int | None = None, dry_run: bool = False):
+    """Remove the checkpoints a sweep no longer needs from its storage: of every finished trial all but its
+    best and last, and with ``keep_best`` every checkpoint of the trials outside the K best (MLflow keeps
+    their best and last as artifacts). Trials not over are left alone. Returns a
+    :class:`~qksweep.orchestrator.gc.GcResult`; nothing is removed with ``dry_run``."""
+    import json
+
+    from .checks import check_tracking_server
+    from .orchestrator.gc import collect
+    from .orchestrator.sweep import find_sweep, stored_config
+    from .storage import STATE_FILE
+
+    files = find_sweep(name_or_path, storage, purpose="to clean up")
+    state = json.loads((files.local / STATE_FILE).read_text())
+    cfg = stored_config(state)
+    parent = state.get("parent_run_id") if cfg.tracking.enabled else None
+    if parent and not dry_run:
+        check_tracking_server(cfg.tracking.uri, what="the sweep's tracking URI")
+    return collect(files, cfg, keep_best=keep_best, dry_run=dry_run, parent_run_id=parent)
+
+
 def flush_mlflow(*targets: str, storage: str | None = None, wait_s: float = 30, quiet: bool = False):
     """Send what runs kept in their ``mlflow_pending.jsonl`` while the tracking server was away (epochs,
     best checkpoints, closing the run). ``targets``: pending files, run or sweep folders, or sweep names

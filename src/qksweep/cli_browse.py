@@ -93,8 +93,20 @@ def cmd_flush(args) -> int:
     return 1 if any(r.left for r in results) else 0
 
 
+def cmd_gc(args) -> int:
+    from . import api
+    from .orchestrator.gc import human
+
+    res = api.gc(args.sweep, storage=args.storage, keep_best=args.keep_best, dry_run=args.dry_run)
+    for c in res.plan.remove:
+        print(f"  {'would remove' if res.dry_run else 'removed'} {c.path}  (trial {c.trial_id}, epoch "
+              f"{c.epoch if c.epoch is not None else '?'}, {human(c.bytes)})")
+    print(res.summary())
+    return 1 if res.failed else 0
+
+
 def register(sub) -> None:
-    from .cli_checks import nonempty, nonneg_int, output_dir, port, seconds, storage, tracking_uri
+    from .cli_checks import nonempty, positive_int, nonneg_int, output_dir, port, seconds, storage, tracking_uri
 
     r = sub.add_parser("runs", help="one row per trial: status, searched params, metric, epochs, run id")
     _add_uri(r)
@@ -120,6 +132,15 @@ def register(sub) -> None:
     f.add_argument("--storage", type=storage, default=None, help=f"run.storage the sweeps live in (default {DEFAULT_STORAGE})")
     f.add_argument("--wait", type=seconds, default=30, help="seconds to wait for the server per file (default 30)")
     f.set_defaults(func=cmd_flush)
+
+    g = sub.add_parser("gc", help="remove the checkpoints a sweep no longer needs (each finished trial keeps its best "
+                                  "and last; --keep-best K keeps only the K best trials)")
+    g.add_argument("sweep", type=nonempty, help="sweep name (under --storage), its directory, or its URI")
+    g.add_argument("--storage", type=storage, default=None, help=f"run.storage the sweep lives in (default {DEFAULT_STORAGE})")
+    g.add_argument("--keep-best", type=positive_int, default=None, metavar="K",
+                   help="also remove every checkpoint of the trials outside the K best (their MLflow artifacts stay)")
+    g.add_argument("--dry-run", action="store_true", help="print what would be removed and remove nothing")
+    g.set_defaults(func=cmd_gc)
 
     u = sub.add_parser("ui", help="start the MLflow UI for the tracking store on 127.0.0.1")
     u.add_argument("--tracking-uri", type=tracking_uri, default=None)

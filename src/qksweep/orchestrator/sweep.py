@@ -314,6 +314,7 @@ def _fit(tuner, cfg: Config, name: str, parent_run_id: str | None, files: SweepF
     if fail_study_trials(study) or reason is not None:  # complete: no Tune trial will tell a trial still RUNNING
         _final_upload(files)
     result = summarize(grid, cfg, name, parent_run_id, files.tune_path)
+    _clean_checkpoints(cfg, files, parent_run_id)
     if parent_run_id:  # an MLflow server that is away leaves the parent's closing in the sweep folder's pending file
         from ..tracking.sweep_callback import close_parent_run
 
@@ -326,6 +327,24 @@ def _fit(tuner, cfg: Config, name: str, parent_run_id: str | None, files: SweepF
     if result.best_trial_id is None:
         raise JobFailed(f"sweep {name}: every trial failed ({result.num_errors} errors); see `qksweep runs --sweep {name}`")
     return result
+
+
+def _clean_checkpoints(cfg: Config, files: SweepFiles, parent_run_id: str | None) -> None:
+    """Every trial is over: each keeps its best and last checkpoint in the storage (``gc.py``). A clean-up
+    that fails leaves the sweep's result as it is and says so."""
+    import logging
+
+    from .gc import collect, human
+
+    try:
+        res = collect(files, cfg, parent_run_id=parent_run_id)
+    except Exception as e:  # noqa: BLE001 - the sweep is done; `qksweep gc` can do this later
+        logging.getLogger("qksweep").warning("could not clean the sweep's checkpoints (%s); `qksweep gc %s` does it later",
+                                             runs.first_line(e), files.name)
+        return
+    if res.plan.remove:
+        print(f"checkpoints: each trial keeps its best and last; freed {human(res.plan.freed)} "
+              f"({human(res.before)} -> {human(res.after)}); `qksweep gc {files.name} --keep-best K` frees more")
 
 
 def _final_upload(files: SweepFiles) -> None:
