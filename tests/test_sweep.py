@@ -152,8 +152,8 @@ def test_four_trial_sweep_parent_children_asha_and_continue(ray_session, workdir
 
 def checkpointed_trials(results: Path, sweep: str) -> set[str]:
     """The trials of ``sweep`` with a checkpoint on disk: in their Tune trial folder (``run.launcher: tune``)
-    or in their Train run's folder beside the sweep's (``train``)."""
-    found = list(results.glob(f"{sweep}/*/checkpoint_*")) + list(results.glob(f"{sweep}-*/checkpoint_*"))
+    or in their Train run's folder in the sweep's ``trials/`` (``train``)."""
+    found = list(results.glob(f"{sweep}/*/checkpoint_*")) + list(results.glob(f"{sweep}/trials/*/checkpoint_*"))
     return {p.parent.name for p in found}
 
 
@@ -181,7 +181,17 @@ def test_killed_driver_then_resume_finishes_each_trial_once(ray_session, workdir
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     time.sleep(3)  # let Ray reap the dead driver's trial actors
+    results = workdir / "results"
+    assert [p.name for p in results.iterdir()] == ["killme"], "everything the sweep writes is in its folder"
+    legacy = []
+    if launcher == "train":  # as a sweep begun before that layout left them: its trials' folders beside its own
+        for d in sorted((results / "killme" / "trials").iterdir()):
+            d.rename(results / d.name)
+            legacy.append(d.name)
     res = api.resume("killme", storage=str(workdir / "results"))
+    for name in legacy:  # a resumed trial of such a sweep goes on where its checkpoints are
+        assert not (results / "killme" / "trials" / name).exists()
+        assert list((results / name).glob("checkpoint_*")), name
     c, trials, parents = trial_runs(uri, "killme")
     assert len(trials) == 3, [t.data.tags["qksweep.trial_id"] for t in trials]
     for t in trials:

@@ -291,6 +291,37 @@ def storage_root(cfg) -> str:
     return s if is_uri(s) else local_path(s)
 
 
+TRIALS_DIR = "trials"
+
+
+def exists(path: str) -> bool:
+    """Whether a local path or a bucket URI exists (False when the bucket cannot say)."""
+    if not is_uri(path):
+        return Path(local_path(path)).exists()
+    import pyarrow.fs as pafs
+
+    try:
+        fs, p = filesystem(path)
+        return fs.get_file_info(p).type != pafs.FileType.NotFound
+    except (OSError, ConfigError):
+        return False
+
+
+def trial_storage(storage: str, sweep: str, trial_id: str) -> str:
+    """The folder that holds a sweep trial's own folder ``<sweep>-<trial>`` (its Train run's checkpoints,
+    its MLflow pending file): ``<storage>/<sweep>/trials``, so that everything a sweep writes is under
+    ``<storage>/<sweep>/``. A trial of a sweep begun before that layout has its folder beside the sweep's
+    (``<storage>/<sweep>-<trial>``) and keeps it, so that a resumed trial finds its checkpoints."""
+    if exists(join(storage, f"{sweep}-{trial_id}")):
+        return storage
+    return join(storage, sweep, TRIALS_DIR)
+
+
+def legacy_trial_dirs(storage: str, sweep: str, trial_ids) -> list[str]:
+    """The trial folders an older sweep kept beside its own (``<storage>/<sweep>-<trial>``) that exist."""
+    return [d for d in (join(storage, f"{sweep}-{t}") for t in trial_ids) if exists(d)]
+
+
 def run_dir(cfg, run_name: str) -> str:
     """A Train run's folder (its checkpoints, and MLflow's pending file when the server is away)."""
     return join(storage_root(cfg), run_name)  # a URI keeps its ?endpoint_override=... after the path

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..storage import is_uri, join, local_path
+from ..storage import is_uri, join, legacy_trial_dirs, local_path, trial_storage
 
 FINISHED = ("TERMINATED", "ERROR")
 
@@ -131,7 +131,8 @@ def _reported(trial_dir: str, metric: str) -> dict[str, tuple[int | None, float 
 
 def sweep_checkpoints(tune_path: str, storage: str, sweep: str, metric: str) -> list[TrialCkpts]:
     """Every trial of the sweep with the checkpoint folders it has on the storage: in its Tune trial folder
-    (one-worker trials) and in its Train run's folder (trials on Ray Train)."""
+    (one-worker trials) and in its Train run's folder (trials on Ray Train: ``<sweep>/trials/<sweep>-<trial>``,
+    or beside the sweep's folder for an older sweep)."""
     from ray.tune import ExperimentAnalysis
 
     from ..trainables.trial import trial_run_name
@@ -141,12 +142,13 @@ def sweep_checkpoints(tune_path: str, storage: str, sweep: str, metric: str) -> 
         trial_dir = join(tune_path, t.storage.trial_dir_name)
         reported = _reported(trial_dir, metric)
         ckpts = []
-        for folder in (trial_dir, join(storage, trial_run_name(sweep, t.trial_id))):
-            for name, info in _children(folder):
-                if not name.startswith("checkpoint_") or info.type.name != "Directory":
+        name = trial_run_name(sweep, t.trial_id)
+        for folder in (trial_dir, join(trial_storage(storage, sweep, t.trial_id), name)):
+            for entry, info in _children(folder):
+                if not entry.startswith("checkpoint_") or info.type.name != "Directory":
                     continue
-                path = join(folder, name)
-                epoch, value = reported.get(name, (None, None))
+                path = join(folder, entry)
+                epoch, value = reported.get(entry, (None, None))
                 ckpts.append(Ckpt(t.trial_id, path, epoch, value, tree_bytes(path)))
         found.append(TrialCkpts(t.trial_id, str(t.status), ckpts))
     return found
@@ -213,10 +215,9 @@ def human(n: int) -> str:
 
 
 def sweep_bytes(tune_path: str, storage: str, sweep: str, trial_ids: list[str]) -> int:
-    """What the sweep occupies on the storage: its folder and its Train runs' folders beside it."""
-    from ..trainables.trial import trial_run_name
-
-    return tree_bytes(tune_path) + sum(tree_bytes(join(storage, trial_run_name(sweep, t))) for t in trial_ids)
+    """What the sweep occupies on the storage: its folder (its trials' folders in it), and the trial folders
+    an older sweep kept beside it."""
+    return tree_bytes(tune_path) + sum(tree_bytes(d) for d in legacy_trial_dirs(storage, sweep, trial_ids))
 
 
 @dataclass

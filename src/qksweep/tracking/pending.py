@@ -39,6 +39,7 @@ from typing import Any, Iterable
 from mlflow.entities import Metric
 
 from ..config import DEFAULT_STORAGE
+from ..storage import TRIALS_DIR
 from . import runs
 from .finalize import finalize_run
 
@@ -442,13 +443,15 @@ def find_files(target: str, storage: str | None = None) -> list[str]:
         if (d / PENDING_FILE).is_file():
             found.append(d / PENDING_FILE)
         found += sorted(d.glob(f"*/{PENDING_FILE}"))
-        found += sorted(d.parent.glob(f"{d.name}-*/{PENDING_FILE}"))  # a sweep's trial runs sit beside it
+        found += sorted(d.glob(f"{TRIALS_DIR}/*/{PENDING_FILE}"))  # a sweep's trial folders
+        found += sorted(d.parent.glob(f"{d.name}-*/{PENDING_FILE}"))  # an older sweep's sit beside it
     return sorted({str(f.resolve()) for f in found})
 
 
 def _find_in_bucket(target: str, storage: str | None) -> list[str]:
     """``find_files`` for a bucket: TARGET is a pending file's URI, a run or sweep URI, or a name under a
-    URI ``storage``; a sweep's trial runs sit beside it (``<storage>/<sweep>-<trial>/``)."""
+    URI ``storage``; a sweep's trial folders are in ``<sweep>/trials/`` (an older sweep's beside it,
+    ``<storage>/<sweep>-<trial>/``)."""
     import pyarrow.fs
 
     from ..storage import filesystem, is_uri, join
@@ -465,9 +468,12 @@ def _find_in_bucket(target: str, storage: str | None) -> list[str]:
     try:
         fs, path = filesystem(base)
         found = [join(base, PENDING_FILE)] if fs.get_file_info(f"{path}/{PENDING_FILE}").is_file else []
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(f"{path}/{TRIALS_DIR}", allow_not_found=True)):
+            if info.type == pyarrow.fs.FileType.Directory and fs.get_file_info(f"{info.path}/{PENDING_FILE}").is_file:
+                found.append(join(base, TRIALS_DIR, info.base_name, PENDING_FILE))  # the sweep's trial folders
         parent, _, name = path.rpartition("/")
         parent_uri = head.rstrip("/").rpartition("/")[0] + sep + query
-        for info in fs.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True)):
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True)):  # an older sweep's
             if (info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith(f"{name}-")
                     and fs.get_file_info(f"{info.path}/{PENDING_FILE}").is_file):
                 found.append(join(parent_uri, info.base_name, PENDING_FILE))

@@ -31,7 +31,11 @@ class SweepTracker(Callback):
     def _trial_dir(self, trial) -> str | None:
         # run.storage: each trial's Train run (and its MLflow pending file) is in there
         root = getattr(getattr(trial, "storage", None), "storage_path", None)
-        return f"{str(root).rstrip('/')}/{self.sweep}-{trial.trial_id}" if root else None
+        if not root:
+            return None
+        from ..storage import join, trial_storage
+
+        return join(trial_storage(str(root), self.sweep, trial.trial_id), f"{self.sweep}-{trial.trial_id}")
 
     def _flush_pending(self, trial) -> None:
         """Epochs a trial's controller could not send (its driver may have been stopped before it could)."""

@@ -7,13 +7,14 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import Config
-from ..storage import run_dir, storage_root
+from ..storage import join, storage_root
 from ..tracking.callback import MLflowEpochLogger
 
 
 def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: list | None = None,
                  label: str = "", echo: bool = True, extra: dict[str, Any] | None = None,
-                 resume_from: str | None = None):
+                 resume_from: str | None = None, storage_path: str | None = None):
+    """The trainer of Train run ``run_name`` in ``storage_path`` (default ``run.storage``)."""
     import ray.train
 
     from .entry import train_loop  # imports the loop (timm, SpikingJelly) only in the worker
@@ -23,14 +24,15 @@ def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: l
     if gpus:
         resources["GPU"] = gpus
     metric, mode = cfg.sweep.metrics[0], cfg.sweep.modes[0]
+    storage_path = storage_path or storage_root(cfg)
     cbs = list(callbacks or [])
     if run_id and cfg.tracking.enabled:
         cbs.insert(0, MLflowEpochLogger(cfg.tracking.uri, run_id, metric=metric, mode=mode,
                                         epochs=cfg.optim.epochs, label=label, echo=echo,
-                                        run_dir=run_dir(cfg, run_name)))
+                                        run_dir=join(storage_path, run_name)))
     run_config = ray.train.RunConfig(
         name=run_name,
-        storage_path=storage_root(cfg),
+        storage_path=storage_path,
         failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                                      checkpoint_score_attribute=metric,

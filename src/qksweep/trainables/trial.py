@@ -18,7 +18,7 @@ from typing import Any
 from ..kill_points import kill_point
 from ..names import MLFLOW_RUN_ID
 from ..search_spaces import apply_sample
-from ..storage import checkpoint_uri, run_dir, storage_root
+from ..storage import checkpoint_uri, join, storage_root, trial_storage
 from ..tracking import pending, runs
 from ..tracking.lifecycle import TrackedRun, close_run, config_file, open_run, run_params
 from .launcher import make_trainer
@@ -43,10 +43,11 @@ def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, pa
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = apply_sample(base, sample)
     name = trial_run_name(sweep, trial_id)
+    under = trial_storage(storage_root(cfg), sweep, trial_id)  # <storage>/<sweep>/trials (older sweeps: beside it)
     run: TrackedRun | None = None
     if cfg.tracking.enabled:
         try:
-            run = _trial_run(cfg, sweep, trial_id, sample, parent_run_id, name)
+            run = _trial_run(cfg, sweep, trial_id, sample, parent_run_id, name, join(under, name))
         except Exception as e:  # noqa: BLE001 - no run to log into: this trial cannot start (Tune retries it)
             raise RuntimeError(f"MLflow at {runs.mask_secrets(cfg.tracking.uri)} did not answer when the trial "
                                f"started ({runs.first_line(e)}); the trial did not train. `qksweep resume {sweep}` "
@@ -61,7 +62,7 @@ def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, pa
         return
     label = f"[{trial_id}] "
     try:
-        checkpoint = (fit_in_trial if launcher == "tune" else fit_on_train)(cfg, run, name, label)
+        checkpoint = (fit_in_trial if launcher == "tune" else fit_on_train)(cfg, run, name, label, under)
         kill_point("train_done")
     except Exception as e:
         if run:
@@ -73,17 +74,19 @@ def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, pa
                   label=label, resume_hint=f"qksweep resume {sweep}")
 
 
-def fit_on_train(cfg, run: TrackedRun | None, name: str, label: str):
-    """The trial as a Ray Train run; its epochs reach MLflow through the Train controller's callbacks."""
+def fit_on_train(cfg, run: TrackedRun | None, name: str, label: str, under: str):
+    """The trial as a Ray Train run (folder ``under/name``); its epochs reach MLflow through the Train
+    controller's callbacks."""
     report = PublicTuneReport(result_static(cfg, run))
     guard = LastReportGuard()
-    trainer = make_trainer(cfg, run_name=name, run_id=run and run.run_id, callbacks=[report], label=label)
+    trainer = make_trainer(cfg, run_name=name, run_id=run and run.run_id, callbacks=[report], label=label,
+                           storage_path=under)
     checkpoint = trainer.fit().checkpoint
     guard.drain()  # the last epoch reached Tune before this function returns (Ray 2.60 race, see report.py)
     return checkpoint
 
 
-def fit_in_trial(cfg, run: TrackedRun | None, name: str, label: str):
+def fit_in_trial(cfg, run: TrackedRun | None, name: str, label: str, under: str):
     """The trial in this process (Tune's function API): the epoch logger runs here, after each checkpoint
     is persisted and before Tune sees the epoch. Returns the last checkpoint."""
     import ray.tune
@@ -96,7 +99,7 @@ def fit_in_trial(cfg, run: TrackedRun | None, name: str, label: str):
     after = None
     if run is not None:
         logger = MLflowEpochLogger(cfg.tracking.uri, run.run_id, metric=cfg.sweep.metrics[0], mode=cfg.sweep.modes[0],
-                                   epochs=cfg.optim.epochs, label=label, run_dir=run_dir(cfg, name))
+                                   epochs=cfg.optim.epochs, label=label, run_dir=join(under, name))
         after = lambda metrics, checkpoint: logger.after_report(None, [metrics], checkpoint)  # noqa: E731
     ts = TuneSession(gpus=cfg.run.gpus_per_worker, static=result_static(cfg, run), after_persist=after)
     session = ts.session()
@@ -106,7 +109,7 @@ def fit_in_trial(cfg, run: TrackedRun | None, name: str, label: str):
 
 
 def _trial_run(cfg, sweep: str, trial_id: str, sample: dict[str, Any], parent_run_id: str | None,
-               name: str) -> TrackedRun:
+               name: str, folder: str) -> TrackedRun:
     """The trial's MLflow run, found by its tags or created with its params, tags and config."""
     from ..models import run_neuron_params
 
@@ -117,7 +120,7 @@ def _trial_run(cfg, sweep: str, trial_id: str, sample: dict[str, Any], parent_ru
             "qksweep.metric": cfg.sweep.metrics[0], "qksweep.mode": cfg.sweep.modes[0],
             "qksweep.objectives": json.dumps(dict(zip(cfg.sweep.metrics, cfg.sweep.modes)))}
     return open_run(cfg.tracking.uri, cfg.experiment, {runs.KIND: "trial", runs.SWEEP: sweep, runs.TRIAL: trial_id},
-                    run_name=name, params=params, folder=run_dir(cfg, name), tags=tags, files=config_file(cfg))
+                    run_name=name, params=params, folder=folder, tags=tags, files=config_file(cfg))
 
 
 def result_static(cfg, run: TrackedRun | None) -> dict[str, Any]:
