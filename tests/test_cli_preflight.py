@@ -82,6 +82,7 @@ KIND_BY_DEST = {
     "export": "output_dir", "out": "output_dir", "save_dir": "output_dir", "output_dir": "output_dir",
     "device": "device",
     "metric": "text", "sort": "text", "id": "text",
+    "register": "model_name", "alias": "model_alias",
 }
 # where a dest means something else on one command
 KIND_BY_COMMAND = {
@@ -109,7 +110,9 @@ BAD = {
     "seconds": ["-5", "nan", "inf", "soon"],
     "fraction": ["0", "1", "1.5", "nan"],
     "run_id": [NO_RUN, ""],
-    "source": ["{missing}", NO_RUN, ""],
+    "source": ["{missing}", NO_RUN, "", "models:/no-such-model@champion", "models:/x"],
+    "model_name": ["a/b", "x@y", "", " x"],
+    "model_alias": ["latest", "v3", "a b", ""],
     "sweep_lookup": ["no-such-sweep", ""],
     "experiment": ["no-such-experiment", ""],
     "sweep_name": ["a/b", ".hidden", "a b", ""],
@@ -136,7 +139,8 @@ ALWAYS = {"best": ["--tracking-uri", "{store}"], "runs": ["--tracking-uri", "{st
 
 
 # what a lookup's refusal names instead of the option (a run id, a sweep that is not there)
-LOOKUP_WORDS = {"run_id": ("run",), "sweep_lookup": ("sweep",), "experiment": ("experiment",), "source": ("run id",),
+LOOKUP_WORDS = {"run_id": ("run",), "sweep_lookup": ("sweep",), "experiment": ("experiment",),
+                "source": ("run id", "registered model"),
                 "flush_target": ("flush",)}
 
 
@@ -496,6 +500,7 @@ GOOD = {
     "source": [".", "img.png"], "sweep_lookup": ["s1"], "experiment": ["test"], "sweep_name": ["s1"],
     "flush_target": ["."], "existing_file": ["img.png"], "existing_dir": ["."], "output_dir": ["out"],
     "output_file": ["out.yaml"], "device": ["cpu", "auto"], "text": ["x"], "flag": [], "choice": [],
+    "model_name": ["m1"], "model_alias": ["champion"],
 }
 
 

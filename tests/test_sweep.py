@@ -117,6 +117,36 @@ def test_four_trial_sweep_parent_children_asha_and_continue(ray_session, workdir
     state, _ = load_checkpoint(workdir / "exported" / "checkpoint")  # torch.load(weights_only=True)
     assert "model" in state and json.loads((workdir / "exported" / "metrics.json").read_text())
 
+    # the best trial as an MLflow model: registered as four-best@champion from its best checkpoint, with a
+    # signature; pyfunc serves it (the same logits on every call: the neurons are reset) as qksweep loads it
+    status = c.get_run(res.best_run_id).info.status
+    out = run_cli("best", "four", "--tracking-uri", uri, "--register", "four-best", cwd=workdir, timeout=300)
+    assert out.returncode == 0 and "registered models:/four-best@champion (version 1)" in out.stdout, out.stderr
+    mv = c.get_model_version_by_alias("four-best", "champion")
+    assert mv.run_id == res.best_run_id and mv.tags["qksweep.checkpoint"] == "checkpoints/best"
+    assert c.get_run(res.best_run_id).info.status == status, "registering leaves the trial's status alone"
+    import mlflow
+    import numpy as np
+    import torch
+
+    from qksweep.tools.source import load_source
+
+    before_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        served = mlflow.pyfunc.load_model("models:/four-best@champion")
+    finally:
+        mlflow.set_tracking_uri(before_uri)
+    loaded = load_source("models:/four-best@champion", tracking_uri=uri)
+    size = loaded.cfg.data.img_size  # searched
+    assert loaded.run_id == res.best_run_id
+    assert [s.shape for s in served.metadata.signature.inputs.inputs] == [(-1, 3, size, size)]
+    x = np.random.default_rng(0).normal(size=(3, 3, size, size)).astype(np.float32)
+    first, again = served.predict(x), served.predict(x)
+    with torch.no_grad():
+        ours = loaded.model(torch.from_numpy(x)).numpy()
+    assert np.array_equal(first, again) and np.allclose(first, ours, atol=1e-6)
+
     # checkpoint clean-up: at the sweep's end each trial keeps its best and last checkpoint (as its
     # result.json says), and the parent run records the storage used before and after
     sweep_dir = workdir / "results" / "four"

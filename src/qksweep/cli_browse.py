@@ -43,6 +43,13 @@ def cmd_best(args) -> int:
         print(f"  MLflow run {best['run_id']}")
         for k, v in sorted((best.get("params") or {}).items()):
             print(f"  {k} = {v}")
+    if args.register:
+        from .tools.mlflow_model import register_run
+
+        reg = register_run(uri, best["run_id"], args.register, alias=args.alias,
+                           tags={"qksweep.sweep": args.sweep, "qksweep.trial_id": str(best["trial_id"])})
+        print(f"registered {reg.model_uri} (version {reg.version}) from run {reg.run_id}'s best checkpoint: "
+              f"qksweep validate {reg.model_uri}")
     if args.export:
         files = export_best(uri, args.sweep, args.export, metric=args.metric, experiment=args.experiment)
         print(f"exported to {args.export}: " + ", ".join(str(f) for f in files))
@@ -106,7 +113,7 @@ def cmd_gc(args) -> int:
 
 
 def register(sub) -> None:
-    from .cli_checks import nonempty, positive_int, nonneg_int, output_dir, port, seconds, storage, tracking_uri
+    from .cli_checks import model_alias, model_name, nonempty, positive_int, nonneg_int, output_dir, port, seconds, storage, tracking_uri
 
     r = sub.add_parser("runs", help="one row per trial: status, searched params, metric, epochs, run id")
     _add_uri(r)
@@ -123,6 +130,10 @@ def register(sub) -> None:
     b.add_argument("--metric", type=nonempty, help="metric to rank by (default: the sweep's)")
     b.add_argument("--export", metavar="DIR", type=output_dir, help="write config.yaml, checkpoint/ and metrics.json here")
     b.add_argument("--pareto", action="store_true", help="the Pareto front of a multi-objective sweep")
+    b.add_argument("--register", type=model_name, metavar="NAME",
+                   help="log the best trial's best checkpoint as an MLflow model and register it as NAME")
+    b.add_argument("--alias", type=model_alias, default="champion",
+                   help="the alias --register points at the new version (default champion)")
     b.add_argument("--format", choices=["table", "json"], default="table")
     b.set_defaults(func=cmd_best)
 

@@ -264,6 +264,26 @@ def override(text: str) -> str:
 
 
 @_typed("non-empty text")
+@_typed("model name")
+def model_name(text: str) -> str:
+    """A registered model name that a ``models:/NAME@ALIAS`` URI can carry."""
+    nonempty(text)
+    if any(ch in text for ch in "/@:") or text != text.strip():
+        raise argparse.ArgumentTypeError(f"'{text}' cannot name a registered model: leave out '/', '@', ':' and outer "
+                                         "spaces (models:/NAME@ALIAS must be able to carry it)")
+    return text
+
+
+@_typed("model alias")
+def model_alias(text: str) -> str:
+    """An MLflow model alias: letters, digits, ``_`` and ``-``, not ``latest`` and not ``v<digits>``
+    (MLflow's own rules, checked here so that a bad one is refused before the model is logged)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", text or "") or text.lower() == "latest" or re.fullmatch(r"[vV]\d+", text):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a model alias: use letters, digits, _ and - "
+                                         "(not 'latest' or v<number>), e.g. champion")
+    return text
+
+
 def nonempty(text: str) -> str:
     if not str(text).strip() or any(ord(ch) < 32 for ch in str(text)):
         raise argparse.ArgumentTypeError(f"{text!r}: give a non-empty value without control characters")
@@ -284,6 +304,8 @@ def _reads_mlflow(args) -> bool:
     if getattr(args, "command", None) in READS_MLFLOW:
         return True
     source = getattr(args, "source", None)
+    if source and source.startswith("models:/"):  # a registered model (tools/mlflow_model.py)
+        return True
     return bool(source and RUN_ID_RE.match(source) and not Path(source).exists())
 
 

@@ -272,17 +272,23 @@ def load_source(
     if path.exists():
         state, config, ckpt_dir = _read_checkpoint(path)
         where = text
-    elif is_run_id(text):
+    elif is_run_id(text) or text.startswith("models:/"):
+        run_id, registered = text, None
+        if text.startswith("models:/"):  # a registered model version: the checkpoint of the run it came from
+            from .mlflow_model import source_run
+
+            run_id, registered = source_run(text, uri)
+            which = "last" if registered == "checkpoints/last" else "best"
         tmp = Path(tempfile.mkdtemp(prefix="qksweep-source-"))
         try:
-            got = _download_checkpoint(text, uri, which, tmp)
+            got = _download_checkpoint(run_id, uri, which, tmp)
             if got is None:
                 raise ConfigError(_neither(text, uri))
             local, artifact = got
             state, config, _ = _read_checkpoint(local)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        run_id, where = text, f"run {text} {artifact}"
+        where = f"run {run_id} {artifact}"
     elif pretrained:
         return _pretrained(text, overrides, dev)
     else:
