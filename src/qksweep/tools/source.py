@@ -275,7 +275,7 @@ def load_source(
     elif is_run_id(text) or text.startswith("models:/"):
         run_id, registered = text, None
         if text.startswith("models:/"):  # a registered model version: the checkpoint of the run it came from
-            from .mlflow_model import source_run
+            from ..tracking.models import source_run
 
             run_id, registered = source_run(text, uri)
             which = "last" if registered == "checkpoints/last" else "best"
