@@ -60,7 +60,7 @@ def options(parser: argparse.ArgumentParser):
 KIND_BY_DEST = {
     "debug": "flag", "sweeps": "flag", "pareto": "flag", "follow": "flag", "force": "flag", "ema": "flag",
     "pretrained": "flag", "split_qkv": "flag", "save_vectors": "flag", "full": "flag", "svd_on_cpu": "flag",
-    "copy": "flag", "dry_run": "flag",
+    "copy": "flag", "dry_run": "flag", "verbose": "flag",
     "format": "choice", "which": "choice", "dtype": "choice", "kind": "choice",
     "config": "config_file",
     "overrides": "override",

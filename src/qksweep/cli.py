@@ -56,9 +56,15 @@ def print_sweep_result(res) -> None:
         print(f"{res.num_errors} trial(s) errored; see qksweep runs --sweep {res.name}")
 
 
+def _verbose(args) -> None:
+    if getattr(args, "verbose", False):
+        os.environ["QKSWEEP_VERBOSE"] = "1"  # orchestrator/console.py
+
+
 def cmd_sweep(args) -> int:
     from . import api
 
+    _verbose(args)
     res = api.sweep(args.config, args.overrides, name=args.name, num_samples=args.num_samples, warm_start=args.warm_start)
     print_sweep_result(res)
     return EXIT_OK
@@ -68,6 +74,7 @@ def cmd_resume(args) -> int:
     from . import api
     from .orchestrator.sweep import SweepComplete
 
+    _verbose(args)
     try:
         res = api.resume(args.sweep, storage=args.storage)
     except SweepComplete as e:  # a budget ended it: nothing to do, and nothing wrong
@@ -103,12 +110,15 @@ def register_core(sub) -> None:
     sw.add_argument("--warm-start", type=nonempty, metavar="SWEEP",
                     help="seed the study with an earlier sweep's trials: its name under run.storage, its folder or "
                          "its URI (sets sweep.warm_start)")
+    sw.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' messages too (always in "
+                                                          "the sweep folder's sweep.log)")
     sw.set_defaults(func=cmd_sweep)
 
     r = sub.add_parser("resume", help="continue an interrupted sweep where it stopped")
     r.add_argument("sweep", type=nonempty, help="sweep name (under --storage), its directory, or its URI (s3://BUCKET/PREFIX/NAME)")
     r.add_argument("--storage", type=storage, help="the run.storage the sweep used: a path or an s3:// / gs:// URI "
                                      "(default ./qksweep_results)")
+    r.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' messages too")
     r.set_defaults(func=cmd_resume)
 
     c = sub.add_parser("continue", help="train a finished trial further from its checkpoint, as a new MLflow run")
@@ -159,6 +169,8 @@ def console_env() -> None:
     own lines name their trial. Set only where the user has not set them."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars between the lines
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # nor "Creating initial MLflow database tables..."
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,7 +124,9 @@ def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: 
 
     # frees what Train runs that died while reserving workers leave (cluster/placement.py); says why the
     # sweep waits when no trial makes progress
-    callbacks: list = [JsonLoggerCallback(), make_watch()]
+    from .console import ConsoleEvents
+
+    callbacks: list = [JsonLoggerCallback(), make_watch(), ConsoleEvents()]
     if parent_run_id:
         callbacks.append(SweepTracker(cfg.tracking.uri, cfg.experiment, name, parent_run_id, epochs=cfg.optim.epochs,
                                       scheduler=cfg.sweep.scheduler.name, optuna_storage=study_storage,
@@ -190,8 +192,11 @@ def run_sweep(cfg: Config, *, name: str | None = None) -> SweepResult:
           + (f"; MLflow {runs.mask_secrets(cfg.tracking.uri)}" if cfg.tracking.enabled else ""))
     if warm is not None:
         print(warm.summary())
-    tuner = _build_tuner(cfg, name, specs, parent_run_id, files, concurrency, warm)
-    return _fit(tuner, cfg, name, parent_run_id, files)
+    from .console import session
+
+    with session(cfg, name, files.local, list(cfg.sweep.space)):  # the live view; Ray's messages to sweep.log
+        tuner = _build_tuner(cfg, name, specs, parent_run_id, files, concurrency, warm)
+        return _fit(tuner, cfg, name, parent_run_id, files)
 
 
 def find_sweep(name_or_path: str, storage: str | None = None, *, purpose: str = "to resume") -> SweepFiles:
@@ -274,10 +279,13 @@ def resume_sweep(name_or_path: str, storage: str | None = None) -> SweepResult:
     from .orphans import close_orphans
 
     close_orphans(cfg, name, files.tune_path, files.optuna_url)  # trials the killed driver had not recorded
-    tuner = tune.Tuner.restore(files.tune_path, trainable=_trainable(cfg, name, parent_run_id),
-                               resume_unfinished=True, resume_errored=True)
     print(f"resuming sweep {name} from {files.location}")
-    return _fit(tuner, cfg, name, parent_run_id, files)
+    from .console import session
+
+    with session(cfg, name, files.local, list(cfg.sweep.space)):
+        tuner = tune.Tuner.restore(files.tune_path, trainable=_trainable(cfg, name, parent_run_id),
+                                   resume_unfinished=True, resume_errored=True)
+        return _fit(tuner, cfg, name, parent_run_id, files)
 
 
 def _fit(tuner, cfg: Config, name: str, parent_run_id: str | None, files: SweepFiles) -> SweepResult:
