@@ -21,7 +21,8 @@ def tiny_config(tmp: Path, **sections) -> dict:
         "data": {"name": "digits", "img_size": 8, "batch_size": 64},
         "optim": {"epochs": 2, "warmup_epochs": 0, "lr": 3e-3},
         "run": {"workers": 1, "seed": 1, "storage": str(tmp / "results"), "max_failures": 2},
-        "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}"},
+        # no MLflow model per finished run (a few seconds each); the tests of that turn it on
+        "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}", "log_model": False},
         "spectral": {"enabled": False},
     }
     for k, v in sections.items():

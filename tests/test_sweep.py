@@ -52,6 +52,7 @@ def trial_runs(uri, sweep):
 def test_four_trial_sweep_parent_children_asha_and_continue(ray_session, workdir):
     cfg = sweep_config(workdir)
     cfg["run"]["keep_checkpoints"] = 3  # Ray keeps 3 while a trial trains; the sweep's end keeps best and last
+    cfg["tracking"]["log_model"] = True  # each trial that trains to its end logs its best checkpoint as a model
     uri = cfg["tracking"]["uri"]
     res = api.sweep(cfg, name="four")
     c, trials, parents = trial_runs(uri, "four")
@@ -119,12 +120,19 @@ def test_four_trial_sweep_parent_children_asha_and_continue(ray_session, workdir
 
     # the best trial as an MLflow model: registered as four-best@champion from its best checkpoint, with a
     # signature; pyfunc serves it (the same logits on every call: the neurons are reset) as qksweep loads it
+    from qksweep.tools.mlflow_model import logged_model
+
+    for r in trials:  # a trial that trained to its end has its model; one ASHA stopped has none until registered
+        assert (logged_model(uri, r.info.run_id) is not None) == (r.info.status == "FINISHED"), r.info.status
     status = c.get_run(res.best_run_id).info.status
+    had = logged_model(uri, res.best_run_id)
     out = run_cli("best", "four", "--tracking-uri", uri, "--register", "four-best", cwd=workdir, timeout=300)
     assert out.returncode == 0 and "registered models:/four-best@champion (version 1)" in out.stdout, out.stderr
     mv = c.get_model_version_by_alias("four-best", "champion")
     assert mv.run_id == res.best_run_id and mv.tags["qksweep.checkpoint"] == "checkpoints/best"
     assert c.get_run(res.best_run_id).info.status == status, "registering leaves the trial's status alone"
+    if had is not None:  # the model the trial logged is the one registered, not a second copy
+        assert mv.source == had.model_uri and logged_model(uri, res.best_run_id).model_id == had.model_id
     import mlflow
     import numpy as np
     import torch

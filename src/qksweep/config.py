@@ -205,6 +205,7 @@ class TrackingConfig(_Section):
     enabled: bool = True
     system_metrics: bool = False  # MLflow's system metrics (CPU, memory, GPU) in each run, from the process that trains
     system_metrics_interval_s: float = Field(default=10.0, gt=0)
+    log_model: bool = True  # a run that trains to its end logs its best checkpoint as an MLflow model
 
 
 class SpectralConfig(_Section):

@@ -15,6 +15,7 @@ load in a fresh process."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..tracking.models import ARTIFACT
@@ -42,10 +43,30 @@ def requirements() -> list[str]:
     return out
 
 
-def register_run(uri: str, run_id: str, name: str, *, alias: str = "champion", which: str = "best",
-                 tags: dict[str, str] | None = None) -> Registered:
-    """Log run ``run_id``'s ``which`` checkpoint as an MLflow pytorch model (in that run, artifact ``model``),
-    register it as ``name`` and point ``alias`` at the new version. The run's status is left as it was."""
+@contextmanager
+def _tracking(uri: str, experiment_id: str | None = None):
+    """MLflow's fluent model API reads the global tracking URI and active experiment (a logged model is made
+    in the active experiment, whatever its run's): these while the block runs."""
+    import mlflow
+    import mlflow.tracking.fluent as fluent
+
+    before, exp_before = mlflow.get_tracking_uri(), fluent._active_experiment_id
+    mlflow.set_tracking_uri(uri)
+    try:
+        if experiment_id is not None:
+            mlflow.set_experiment(experiment_id=experiment_id)
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        fluent._active_experiment_id = exp_before
+
+
+def log_model(uri: str, run_id: str, *, which: str = "best", registered_model_name: str | None = None):
+    """Log run ``run_id``'s ``which`` checkpoint (as MLflow holds it) into that run as an MLflow pytorch model
+    (artifact ``model``), with a signature and an input example of the model's input shape; returns MLflow's
+    ``ModelInfo``. The run's status is not touched (no run is started or ended)."""
+    import logging
+
     import mlflow
     import numpy as np
     import torch
@@ -64,18 +85,53 @@ def register_run(uri: str, run_id: str, name: str, *, alias: str = "champion", w
     example = np.zeros(shape, dtype=np.float32)
     with torch.no_grad():
         out = model(torch.from_numpy(example)).numpy()
-    c = client(uri)
-    status = retrying(lambda: c.get_run(run_id), what="run lookup").info.status
-    mlflow.set_tracking_uri(uri)
-    try:
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(model, name=ARTIFACT, signature=infer_signature(example, out),
+    artifact = (loaded.checkpoint or "").split(" ")[-1] or f"checkpoints/{which}"  # "run ID checkpoints/best"
+    exp = retrying(lambda: client(uri).get_run(run_id), what="run lookup").info.experiment_id
+    quiet = logging.getLogger("mlflow.pytorch")  # its warning about pickles: the module's docstring says why
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    with _tracking(uri, exp):
+        try:
+            return mlflow.pytorch.log_model(model, name=ARTIFACT, signature=infer_signature(example, out),
                                             input_example=example, pip_requirements=requirements(),
-                                            registered_model_name=name, serialization_format="pickle")
-    finally:  # start_run(run_id=...) reopened the run: put its status back (KILLED stays KILLED)
-        retrying(lambda: c.set_terminated(run_id, status=status), what="run status")
-    version = str(info.registered_model_version)
-    checkpoint = (loaded.checkpoint or "").split(" ")[-1] if loaded.checkpoint else f"checkpoints/{which}"
+                                            registered_model_name=registered_model_name, serialization_format="pickle",
+                                            run_id=run_id, tags={"qksweep.checkpoint": artifact, "qksweep.run_id": run_id})
+        finally:
+            quiet.setLevel(level)
+
+
+def logged_model(uri: str, run_id: str):
+    """The model qksweep logged in run ``run_id`` (``tracking.log_model``), or None."""
+    import mlflow
+
+    from ..tracking.runs import client, retrying
+
+    exp = retrying(lambda: client(uri).get_run(run_id), what="run lookup").info.experiment_id
+    with _tracking(uri):
+        found = mlflow.search_logged_models(experiment_ids=[exp], filter_string=f"source_run_id = '{run_id}'",
+                                            output_format="list")
+    mine = [m for m in found if (m.tags or {}).get("qksweep.run_id") == run_id and m.name == ARTIFACT]
+    return max(mine, key=lambda m: m.creation_timestamp) if mine else None
+
+
+def register_run(uri: str, run_id: str, name: str, *, alias: str = "champion", which: str = "best",
+                 tags: dict[str, str] | None = None) -> Registered:
+    """Register run ``run_id``'s model as ``name`` (logging it first when the run has none: a trial ASHA
+    stopped, or ``tracking.log_model: false``) and point ``alias`` at the new version."""
+    import mlflow
+
+    from ..tracking.runs import client, retrying
+
+    c = client(uri)
+    existing = logged_model(uri, run_id) if which == "best" else None
+    if existing is not None:
+        with _tracking(uri):
+            version = str(mlflow.register_model(existing.model_uri, name).version)
+        checkpoint = (existing.tags or {}).get("qksweep.checkpoint", "checkpoints/best")
+    else:
+        info = log_model(uri, run_id, which=which, registered_model_name=name)
+        version = str(info.registered_model_version)
+        checkpoint = f"checkpoints/{which}"
     for k, v in {"qksweep.checkpoint": checkpoint, "qksweep.run_id": run_id, **(tags or {})}.items():
         retrying(lambda k=k, v=v: c.set_model_version_tag(name, version, k, v), what="model version tag")
     retrying(lambda: c.set_registered_model_alias(name, alias, version), what="model alias")

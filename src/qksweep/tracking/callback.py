@@ -26,8 +26,9 @@ class MLflowEpochLogger(UserCallback):
     :mod:`qksweep.tracking.pending`), which is sent first at the next epoch and by the trial's end."""
 
     def __init__(self, tracking_uri: str, run_id: str, *, metric: str, mode: str, epochs: int,
-                 label: str = "", echo: bool = True, run_dir: str | None = None):
+                 label: str = "", echo: bool = True, run_dir: str | None = None, on_last_epoch=None):
         self.tracking_uri, self.run_id = tracking_uri, run_id
+        self.on_last_epoch = on_last_epoch  # called once the last epoch is in MLflow (tracking.log_model)
         self.metric, self.mode, self.epochs = metric, mode, epochs
         self.label, self.echo = label, echo
         self.run_dir = run_dir
@@ -57,6 +58,8 @@ class MLflowEpochLogger(UserCallback):
         else:
             self._mem = left
         self._report(left, err, path, epoch)
+        if self.on_last_epoch is not None and epoch >= self.epochs and not left:  # before Tune can stop the trial
+            self.on_last_epoch()
         if self.echo:
             note = f"  (MLflow away: {len({r.get('epoch') for r in left if r['type'] == 'epoch'})} epochs pending)" if left else ""
             print(format_epoch(m, self.epochs, self.label) + note, file=sys.stdout, flush=True)

@@ -27,9 +27,12 @@ def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: l
     storage_path = storage_path or storage_root(cfg)
     cbs = list(callbacks or [])
     if run_id and cfg.tracking.enabled:
+        from .model_log import on_last_epoch
+
         cbs.insert(0, MLflowEpochLogger(cfg.tracking.uri, run_id, metric=metric, mode=mode,
                                         epochs=cfg.optim.epochs, label=label, echo=echo,
-                                        run_dir=join(storage_path, run_name)))
+                                        run_dir=join(storage_path, run_name),
+                                        on_last_epoch=on_last_epoch(cfg, run_id, label)))
     run_config = ray.train.RunConfig(
         name=run_name,
         storage_path=storage_path,

@@ -22,6 +22,7 @@ from ..storage import checkpoint_uri, join, storage_root, trial_storage
 from ..tracking import pending, runs
 from ..tracking.lifecycle import TrackedRun, close_run, config_file, open_run, run_params
 from .launcher import make_trainer
+from .model_log import on_last_epoch
 from .report import LastReportGuard, PublicTuneReport
 
 
@@ -99,7 +100,8 @@ def fit_in_trial(cfg, run: TrackedRun | None, name: str, label: str, under: str)
     after = None
     if run is not None:
         logger = MLflowEpochLogger(cfg.tracking.uri, run.run_id, metric=cfg.sweep.metrics[0], mode=cfg.sweep.modes[0],
-                                   epochs=cfg.optim.epochs, label=label, run_dir=join(under, name))
+                                   epochs=cfg.optim.epochs, label=label, run_dir=join(under, name),
+                                   on_last_epoch=on_last_epoch(cfg, run.run_id, label))
         after = lambda metrics, checkpoint: logger.after_report(None, [metrics], checkpoint)  # noqa: E731
     ts = TuneSession(gpus=cfg.run.gpus_per_worker, static=result_static(cfg, run), after_persist=after)
     session = ts.session()
