@@ -104,3 +104,24 @@ def test_time_left_is_an_upper_bound_from_the_epochs_still_to_train(tmp_path):
     # a: 2 epochs left, b: 4, one trial not started: 4 -> 10 epochs at 5 s each
     assert 49 < left < 51
     s.stop()
+
+
+def test_train_console_shows_epochs_a_bar_on_a_terminal_and_logs_the_rest(tmp_path):
+    from qksweep.console import TrainConsole
+
+    progress = 'qksweep-progress {"run": "r", "epoch": 1, "epochs": 2, "done": 5, "total": 10, "samples_per_s": 640.0}'
+    for tty in (False, True):
+        out = io.StringIO()
+        c = TrainConsole(tmp_path / f"train{tty}.log", out, tty=tty, show_all=False)
+        c.start()
+        c.on_line(progress, origin="trial")
+        c.on_line("epoch 1/2  train/loss 2.0000  val/top1 0.2500", origin="trial")
+        c.on_line("\x1b[36m(RayTrainWorker pid=3)\x1b[0m generated new fontManager", origin="trial")
+        c.on_line("train r: MLflow sqlite:///m.db, experiment test", origin="qksweep")
+        c.stop()
+        text = out.getvalue()
+        assert "epoch 1/2  train/loss 2.0000  val/top1 0.2500" in text and "train r: MLflow" in text
+        assert "fontManager" not in text and "qksweep-progress" not in text
+        assert ("640 samples/s" in text and "5/10" in text) == tty, text  # the bar, on a terminal only
+        log = (tmp_path / f"train{tty}.log").read_text()
+        assert "(RayTrainWorker pid=3) generated new fontManager" in log and "qksweep-progress" not in log

@@ -56,6 +56,16 @@ def test_train_logs_where_the_environment_points_and_says_so(workdir):
     (run,) = MlflowClient(f"sqlite:///{env_db}").search_runs(
         [MlflowClient(f"sqlite:///{env_db}").get_experiment_by_name("test").experiment_id])
     assert run.info.status == "FINISHED"
+    # the console off a terminal: the URI line, one line per epoch, the result; no progress records, no
+    # Ray or library lines (those are in the run's train.log), no colour codes
+    lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
+    assert [ln.split("  ")[0] for ln in lines[1:-1]] == ["epoch 1/1"] and lines[-1].startswith("finished: val/top1 "), lines
+    assert "\x1b[" not in out.stdout and "qksweep-progress" not in out.stdout + out.stderr
+    assert (workdir / "results" / run.info.run_name / "train.log").is_file()
+    # tracking.log_model (on by default): the run's best checkpoint is an MLflow model of that run
+    from qksweep.tools.mlflow_model import logged_model
+
+    assert logged_model(f"sqlite:///{env_db}", run.info.run_id) is not None
     # and the browsing commands, which honoured the variable already, find it there
     runs = run_cli("runs", "--format", "json", cwd=workdir, timeout=120, env={"MLFLOW_TRACKING_URI": f"sqlite:///{env_db}"})
     assert runs.returncode == 0 and run.info.run_id in runs.stdout, runs.stderr

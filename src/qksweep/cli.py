@@ -38,6 +38,7 @@ def add_overrides(p: argparse.ArgumentParser) -> None:
 def cmd_train(args) -> int:
     from . import api
 
+    _verbose(args)
     res = api.train(args.config, args.overrides)
     m = res.metrics
     print(f"finished: val/top1 {m.get('val/top1', float('nan')):.4f}  epochs {m.get('epoch')}  "
@@ -100,6 +101,8 @@ def register_core(sub) -> None:
     t = sub.add_parser("train", help="one training run through Ray Train, logged to MLflow")
     t.add_argument("config", type=existing_file, help="YAML config, e.g. configs/digits_qkformer.yaml")
     add_overrides(t)
+    t.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' messages too (always in "
+                                                         "the run folder's train.log)")
     t.set_defaults(func=cmd_train)
 
     sw = sub.add_parser("sweep", help="a Tune sweep (Optuna + ASHA), one MLflow child run per trial")

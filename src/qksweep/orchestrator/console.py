@@ -20,7 +20,6 @@ state: it hands each event to the :class:`Session` that :func:`session` opened i
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
@@ -34,8 +33,9 @@ from typing import Any
 
 from ray.tune import Callback
 
+from ..console import ANSI, captured_streams
+
 LOG_FILE = "sweep.log"
-ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Za-z0-9]|\r")
 EPOCH_LINE = re.compile(r"^\[[0-9a-f_]+\] epoch \d+/\d+")
 TRIAL_LINE = re.compile(r"^\[[0-9a-f_]+\] ")  # a trial's own qksweep line: "[TRIAL] MLflow at ... is not answering"
 ACTIVE: "Session | None" = None
@@ -294,59 +294,6 @@ class Session:
         self.log.close()
 
 
-class _Capture(io.TextIOBase):
-    """This process's stdout or stderr while the sweep runs: whole lines to :meth:`Session.captured`."""
-
-    def __init__(self, session: Session, original):
-        self.session, self.original = session, original
-        self._buf = ""
-        self._origin = "library"
-        self._lock = threading.Lock()
-
-    def writable(self) -> bool:
-        return True
-
-    def isatty(self) -> bool:
-        return False
-
-    def fileno(self) -> int:  # libraries that write to the descriptor bypass the capture, as before
-        return self.original.fileno()
-
-    @property
-    def encoding(self):
-        return getattr(self.original, "encoding", "utf-8")
-
-    def write(self, s: str) -> int:
-        if threading.current_thread().name == "ray_print_logs":
-            origin = "trial"  # a trial's output as Ray forwards it
-        else:  # who printed: qksweep's own code, or a library (Tune's banner, a logging handler, a progress bar)
-            caller = sys._getframe(1)
-            while caller is not None and caller.f_globals.get("__name__", "").startswith(("logging", "io", "_io")):
-                caller = caller.f_back
-            module = caller.f_globals.get("__name__", "") if caller is not None else ""
-            origin = "qksweep" if module.startswith("qksweep") else "library"
-        with self._lock:
-            if not self._buf:
-                self._origin = origin
-            self._buf += s
-            *lines, self._buf = self._buf.split("\n")
-            first = self._origin
-            if lines:
-                self._origin = origin
-        for i, ln in enumerate(lines):
-            self.session.captured(ln, origin=first if i == 0 else origin)
-        return len(s)
-
-    def flush(self) -> None:
-        pass
-
-    def drain(self) -> None:
-        with self._lock:
-            rest, self._buf = self._buf, ""
-        if rest:
-            self.session.captured(rest, origin=self._origin)
-
-
 class _ConsoleHandler(logging.Handler):
     """qksweep's own log records in this process: on the console as one line each."""
 
@@ -362,17 +309,6 @@ class _ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
-def _stream_handlers():
-    """The logging handlers that write to this process's stdout or stderr (Ray's, Tune's, Optuna's...)."""
-    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
-                                       if isinstance(lg, logging.Logger)]
-    std = {id(sys.stdout), id(sys.stderr), id(sys.__stdout__), id(sys.__stderr__)}
-    for lg in loggers:
-        for h in lg.handlers:
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) and id(h.stream) in std:
-                yield h
-
-
 @contextmanager
 def session(cfg, name: str, folder: Path, searched: list[str]):
     """The console of sweep ``name`` while the block runs (see the module's docstring)."""
@@ -383,31 +319,22 @@ def session(cfg, name: str, folder: Path, searched: list[str]):
     s = Session(name, num_samples=cfg.sweep.num_samples, epochs=cfg.optim.epochs, metric=cfg.sweep.metrics[0],
                 mode=cfg.sweep.modes[0], searched=searched, scheduler=sch.name, reduction_factor=rf,
                 log_path=Path(folder) / LOG_FILE)
-    out, err = sys.stdout, sys.stderr
-    cap_out, cap_err = _Capture(s, out), _Capture(s, err)
-    handlers = [(h, h.stream) for h in _stream_handlers()]
     qk = logging.getLogger("qksweep")
     mine = _ConsoleHandler(s)
     propagate = qk.propagate
-    s.out = out
     s.start()
-    sys.stdout, sys.stderr = cap_out, cap_err
-    for h, stream in handlers:
-        h.setStream(cap_err if stream in (err, sys.__stderr__) else cap_out)
-    qk.addHandler(mine)
-    qk.propagate = False
-    ACTIVE = s
     try:
-        yield s
+        with captured_streams(s.captured):
+            qk.addHandler(mine)
+            qk.propagate = False
+            ACTIVE = s
+            try:
+                yield s
+            finally:
+                ACTIVE = None
+                qk.removeHandler(mine)
+                qk.propagate = propagate
     finally:
-        ACTIVE = None
-        qk.removeHandler(mine)
-        qk.propagate = propagate
-        for h, stream in handlers:
-            h.setStream(stream)
-        sys.stdout, sys.stderr = out, err
-        cap_out.drain()
-        cap_err.drain()
         s.stop()
 
 

@@ -8,9 +8,11 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..config import Config
+from ..console import train_console
 from ..storage import checkpoint_uri, join, run_dir, storage_root
 from ..tracking import runs
 from ..tracking.lifecycle import TrackedRun, close_run, config_file, open_run, run_params
@@ -29,6 +31,15 @@ class TrainResult:
     checkpoint_path: str | None
     storage_path: str
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _log_path(cfg: Config, name: str) -> Path:
+    """``train.log`` in the run's folder (for a bucket ``run.storage``, in the local cache)."""
+    from ..console import TRAIN_LOG
+    from ..storage import cache_root, is_uri
+
+    base = cache_root() / "runs" / name if is_uri(cfg.run.storage) else Path(run_dir(cfg, name))
+    return base / TRAIN_LOG
 
 
 def default_run_name(cfg: Config) -> str:
@@ -73,9 +84,10 @@ def run_training(cfg: Config, *, run_name: str | None = None, tags: dict[str, st
                        params=run_params(cfg, neuron_params), folder=run_dir(cfg, name),
                        tags={**neuron_tags, **(tags or {})}, files=config_file(cfg))
     ensure_ray()
-    trainer = make_trainer(cfg, run_name=name, run_id=run and run.run_id, resume_from=resume_from)
+    trainer = make_trainer(cfg, run_name=name, run_id=run and run.run_id, resume_from=resume_from,
+                           extra={"progress": True, "progress_label": name})
     try:
-        with _caller_sigint_kept():
+        with _caller_sigint_kept(), train_console(_log_path(cfg, name)):  # epochs; a bar on a terminal
             result = trainer.fit()
     except KeyboardInterrupt:
         if run:
