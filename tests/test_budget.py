@@ -106,6 +106,16 @@ def test_a_sweep_ends_on_stop_at_patience_or_time_closes_its_trials_and_resume_s
     parent, trials = _runs(cfg, "flat")
     assert parent.data.tags["qksweep.ended_by"].startswith("patience: 1 finished trials in a row")
     assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+    # resume --num-samples extends it: the budget counts afresh and ends it again one trial later
+    with pytest.raises(ConfigError, match="already has 6 trials planned"):
+        api.resume("flat", storage=str(workdir / "results"), num_samples=6)
+    api.resume("flat", storage=str(workdir / "results"), num_samples=7)
+    parent, trials = _runs(cfg, "flat")
+    assert len(trials) == 3 and len({r.data.tags["qksweep.trial_id"] for r in trials}) == 3
+    assert all(r.info.status == "FINISHED" for r in trials) and parent.info.status == "FINISHED"
+    assert parent.data.tags["qksweep.ended_by"].startswith("patience: 1 finished trials in a row")
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{workdir / 'results' / 'flat' / 'optuna.db'}")
+    assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
 
     # time budget: far fewer trials than asked fit in it; the ones it cut short are closed KILLED
     cfg = _sweep_cfg(workdir, num_samples=40, time_budget_s=12)

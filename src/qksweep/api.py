@@ -64,11 +64,12 @@ def sweep(config: "str | Path | dict[str, Any] | Config", overrides: list[str] |
     return run_sweep(cfg, name=name)
 
 
-def resume(name_or_path: str, *, storage: str | None = None):
+def resume(name_or_path: str, *, storage: str | None = None, num_samples: int | None = None):
     """Continue an interrupted sweep where it stopped (unfinished and errored trials resume). MLflow
-    records its trials kept while the server was away are sent first (see :func:`flush_mlflow`)."""
+    records its trials kept while the server was away are sent first (see :func:`flush_mlflow`).
+    ``num_samples``: extend the sweep to that many trials in all (also one a budget ended)."""
     from .checks import check_reachable
-    from .orchestrator.sweep import check_not_ended, find_sweep, resume_sweep, stored_config
+    from .orchestrator.sweep import check_extension, check_not_ended, find_sweep, resume_sweep, stored_config
 
     import json
 
@@ -76,10 +77,13 @@ def resume(name_or_path: str, *, storage: str | None = None):
 
     files = find_sweep(name_or_path, storage)  # no such sweep: one line, before anything is sent or started
     state = json.loads((files.local / STATE_FILE).read_text())
-    check_not_ended(state)  # a budget ended it: complete, say so (SweepComplete)
+    if num_samples is None:
+        check_not_ended(state)  # a budget ended it: complete, say so (SweepComplete)
+    else:
+        check_extension(state, num_samples)  # more trials than planned, or one line
     check_reachable(stored_config(state))
     flush_mlflow(name_or_path, storage=storage, wait_s=10, quiet=True)
-    return resume_sweep(name_or_path, storage=storage)
+    return resume_sweep(name_or_path, storage=storage, num_samples=num_samples)
 
 
 def gc(name_or_path: str, *, storage: str | None = None, keep_best: int | None = None, dry_run: bool = False):

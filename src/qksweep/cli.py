@@ -77,7 +77,7 @@ def cmd_resume(args) -> int:
 
     _verbose(args)
     try:
-        res = api.resume(args.sweep, storage=args.storage)
+        res = api.resume(args.sweep, storage=args.storage, num_samples=args.num_samples)
     except SweepComplete as e:  # a budget ended it: nothing to do, and nothing wrong
         print(f"qksweep: {e}")
         return EXIT_OK
@@ -121,6 +121,8 @@ def register_core(sub) -> None:
     r.add_argument("sweep", type=nonempty, help="sweep name (under --storage), its directory, or its URI (s3://BUCKET/PREFIX/NAME)")
     r.add_argument("--storage", type=storage, help="the run.storage the sweep used: a path or an s3:// / gs:// URI "
                                      "(default ./qksweep_results)")
+    r.add_argument("--num-samples", type=positive_int, help="extend the sweep to this many trials in all (also one a "
+                                                           "budget ended)")
     r.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' messages too")
     r.set_defaults(func=cmd_resume)
 

@@ -42,6 +42,29 @@ class SweepBudget(Stopper, Callback):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_started": None}  # a monotonic clock means nothing in another process
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A restored sweep unpickles its budget twice: Tune's stopper and the callback come back as two
+        objects (one from ``tuner.pkl``, one from the experiment state), and each half of the bookkeeping
+        (values noted by the stopper, trials counted by the callback) would go to a different one. Every
+        copy of one sweep's budget in this process shares one state, merged from what each copy knew.
+        A sweep extended after a budget ended it (``resume --num-samples``): its state file no longer says
+        it ended, so the budgets count afresh."""
+        key = str(state["files"].local)
+        live = _LIVE.get(key)
+        if live is None:
+            self.__dict__.update(state)
+            _LIVE[key] = self.__dict__
+        else:
+            _merge(live, state)
+            self.__dict__ = live
+        if self.ended_by is not None:
+            try:
+                still = ended_by(self.files)
+            except (OSError, ValueError, KeyError):
+                still = self.ended_by
+            if still is None:
+                self.ended_by, self._recorded, self._since_best = None, False, 0
+
     # ------------------------------------------------------------ Stopper
 
     def __call__(self, trial_id: str, result: dict) -> bool:
@@ -88,6 +111,24 @@ class SweepBudget(Stopper, Callback):
                 self._trial_best[trial_id] = float(v)
 
 
+# sweep folder -> the one state every unpickled copy of that sweep's budget shares (see __setstate__)
+_LIVE: dict[str, dict[str, Any]] = {}
+
+
+def _merge(live: dict[str, Any], other: dict[str, Any]) -> None:
+    """What ``other`` knew, added to ``live``: each trial's best value, the sweep's best, the count."""
+    mode = live["mode"]
+    for tid, v in other.get("_trial_best", {}).items():
+        old = live["_trial_best"].get(tid)
+        if old is None or _better(v, old, mode):
+            live["_trial_best"][tid] = v
+    if other.get("_best") is not None and (live.get("_best") is None or _better(other["_best"], live["_best"], mode)):
+        live["_best"] = other["_best"]
+    live["_since_best"] = max(live.get("_since_best", 0), other.get("_since_best", 0))
+    live["ended_by"] = live.get("ended_by") or other.get("ended_by")
+    live["_recorded"] = live.get("_recorded") or other.get("_recorded")
+
+
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -121,6 +162,24 @@ def ended_by(files) -> str | None:
     from ..storage import STATE_FILE
 
     return json.loads((files.local / STATE_FILE).read_text()).get("ended_by")
+
+
+def forget(files) -> None:
+    """Before a restore: the copies unpickled from now on share a state of their own (not one an earlier
+    restore of the same sweep in this process left)."""
+    _LIVE.pop(str(files.local), None)
+
+
+def reason_ended(files) -> str | None:
+    """Why the sweep ended, after ``fit``: its state file's ``ended_by``, or what this process's budget
+    decided (recorded now when no copy of it had recorded it yet)."""
+    reason = ended_by(files)
+    if reason is None:
+        live = _LIVE.get(str(files.local))
+        reason = live.get("ended_by") if live else None
+        if reason is not None:
+            record_ended_by(files, reason)
+    return reason
 
 
 def make_budget(cfg, files) -> SweepBudget | None:

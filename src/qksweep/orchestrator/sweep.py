@@ -252,10 +252,50 @@ class SweepComplete(Exception):
 def check_not_ended(state: dict[str, Any]) -> None:
     if state.get("ended_by"):
         raise SweepComplete(f"sweep {state['name']} is complete: it ended by {state['ended_by']}; nothing to resume "
-                            f"(`qksweep best {state['name']}` shows its best trial)")
+                            f"(`qksweep best {state['name']}` shows its best trial; `qksweep resume {state['name']} "
+                            f"--num-samples N` extends it)")
 
 
-def resume_sweep(name_or_path: str, storage: str | None = None) -> SweepResult:
+def check_extension(state: dict[str, Any], num_samples: int) -> int:
+    """The sweep's planned trial count, when ``num_samples`` extends it (one line otherwise)."""
+    have = int(state["config"]["sweep"]["num_samples"])
+    if num_samples <= have:
+        raise ConfigError(f"--num-samples {num_samples}: sweep {state['name']} already has {have} trials planned; "
+                          f"give more than {have} to extend it")
+    return have
+
+
+def extend(files: SweepFiles, state: dict[str, Any], num_samples: int) -> dict[str, Any]:
+    """``resume --num-samples N``: the sweep goes on to N trials in all, also one a budget ended (its budgets
+    count afresh: the state file no longer says it ended). Tune's search generator, which stops sampling
+    at the count it was started with, is told the new count in its saved state."""
+    have = check_extension(state, num_samples)
+    import pickle
+
+    import pyarrow.fs as pafs
+
+    from ..storage import filesystem, local_path
+
+    fs, base = filesystem(files.tune_path) if files.remote else (pafs.LocalFileSystem(), local_path(files.tune_path))
+    found = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+                   if i.base_name.startswith("search_gen_state-") and i.base_name.endswith(".json"))
+    if not found:
+        raise ConfigError(f"sweep {state['name']} at {files.location} has no saved search state to extend: "
+                          "start a new sweep with --warm-start from it")
+    with fs.open_input_stream(found[-1]) as f:
+        gen = pickle.loads(f.read())  # Tune writes it with cloudpickle; it reads back with pickle
+    gen["total_samples"], gen["finished"] = num_samples, False
+    with fs.open_output_stream(found[-1]) as f:
+        f.write(pickle.dumps(gen))
+    state = {**state, "config": {**state["config"], "sweep": {**state["config"]["sweep"], "num_samples": num_samples}}}
+    state.pop("ended_by", None)
+    (files.local / STATE_FILE).write_text(json.dumps(state, indent=1))
+    files.upload()
+    print(f"sweep {state['name']}: extended from {have} to {num_samples} trials")
+    return state
+
+
+def resume_sweep(name_or_path: str, storage: str | None = None, num_samples: int | None = None) -> SweepResult:
     from ray import tune
 
     from ..cluster.connect import ensure_ray
@@ -264,6 +304,8 @@ def resume_sweep(name_or_path: str, storage: str | None = None) -> SweepResult:
 
     files = find_sweep(name_or_path, storage)
     state = json.loads((files.local / STATE_FILE).read_text())
+    if num_samples is not None:
+        state = extend(files, state, num_samples)
     check_not_ended(state)
     cfg = stored_config(state)
     name, parent_run_id = state["name"], state["parent_run_id"]
@@ -282,6 +324,9 @@ def resume_sweep(name_or_path: str, storage: str | None = None) -> SweepResult:
     print(f"resuming sweep {name} from {files.location}")
     from .console import session
 
+    from .budget import forget
+
+    forget(files)  # the budget's restored copies share one state (budget.py)
     with session(cfg, name, files.local, list(cfg.sweep.space)):
         tuner = tune.Tuner.restore(files.tune_path, trainable=_trainable(cfg, name, parent_run_id),
                                    resume_unfinished=True, resume_errored=True)
@@ -299,9 +344,9 @@ def _fit(tuner, cfg: Config, name: str, parent_run_id: str | None, files: SweepF
         finally:
             release_placement_groups(before, actors_before=actors_before)  # what stopped Train runs reserved as they died
             _final_upload(files)
-        from .budget import ended_by
+        from .budget import reason_ended
 
-        reason = None if stopped.fired else ended_by(files)  # a budget spent: complete, not interrupted
+        reason = None if stopped.fired else reason_ended(files)  # a budget spent: complete, not interrupted
         if stopped.fired or (reason is None and interrupted(grid, cfg.sweep.num_samples)):  # Tune catches Ctrl-C itself
             raise SweepInterrupted(f"sweep {name} interrupted; its state is saved: `qksweep resume {name}` continues it")
     except KeyboardInterrupt:
