@@ -322,9 +322,8 @@ def resume_sweep(name_or_path: str, storage: str | None = None, num_samples: int
 
     close_orphans(cfg, name, files.tune_path, files.optuna_url)  # trials the killed driver had not recorded
     print(f"resuming sweep {name} from {files.location}")
-    from .console import session
-
     from .budget import forget
+    from .console import session
 
     forget(files)  # the budget's restored copies share one state (budget.py)
     with session(cfg, name, files.local, list(cfg.sweep.space)):
