@@ -38,8 +38,10 @@ def add_overrides(p: argparse.ArgumentParser) -> None:
 def cmd_train(args) -> int:
     from . import api
 
-    _verbose(args)
-    res = api.train(args.config, args.overrides)
+    from .console import verbose_console
+
+    with verbose_console(args.verbose):
+        res = api.train(args.config, args.overrides)
     m = res.metrics
     print(f"finished: val/top1 {m.get('val/top1', float('nan')):.4f}  epochs {m.get('epoch')}  "
           f"MLflow run {res.run_id}  checkpoint {res.checkpoint_path}")
@@ -57,16 +59,14 @@ def print_sweep_result(res) -> None:
         print(f"{res.num_errors} trial(s) errored; see qksweep runs --sweep {res.name}")
 
 
-def _verbose(args) -> None:
-    if getattr(args, "verbose", False):
-        os.environ["QKSWEEP_VERBOSE"] = "1"  # orchestrator/console.py
-
-
 def cmd_sweep(args) -> int:
     from . import api
 
-    _verbose(args)
-    res = api.sweep(args.config, args.overrides, name=args.name, num_samples=args.num_samples, warm_start=args.warm_start)
+    from .console import verbose_console
+
+    with verbose_console(args.verbose):
+        res = api.sweep(args.config, args.overrides, name=args.name, num_samples=args.num_samples,
+                        warm_start=args.warm_start)
     print_sweep_result(res)
     return EXIT_OK
 
@@ -75,9 +75,11 @@ def cmd_resume(args) -> int:
     from . import api
     from .orchestrator.sweep import SweepComplete
 
-    _verbose(args)
+    from .console import verbose_console
+
     try:
-        res = api.resume(args.sweep, storage=args.storage, num_samples=args.num_samples)
+        with verbose_console(args.verbose):
+            res = api.resume(args.sweep, storage=args.storage, num_samples=args.num_samples)
     except SweepComplete as e:  # a budget ended it: nothing to do, and nothing wrong
         print(f"qksweep: {e}")
         return EXIT_OK

@@ -20,15 +20,39 @@ from typing import Callable
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Za-z0-9]|\r")
 TRAIN_LOG = "train.log"
+# Ray's prefix on a worker's forwarded line (unless RAY_DISABLE_WORKER_LOG_PREFIX=1, which the CLI sets)
+RAY_PREFIX = re.compile(r"^\((?:[\w.:-]+ )?pid=\d+(?:, ip=[\w.:-]+)?\) ")
+
+
+def plain(text: str) -> str:
+    """A captured line without ANSI codes and without Ray's ``(Actor pid=N)`` prefix."""
+    return RAY_PREFIX.sub("", ANSI.sub("", text))
+_VERBOSE = False  # --verbose of this command (QKSWEEP_VERBOSE=1 also turns it on)
+
+
+def verbose() -> bool:
+    return _VERBOSE or os.environ.get("QKSWEEP_VERBOSE") == "1"
+
+
+@contextmanager
+def verbose_console(on: bool):
+    """``--verbose`` for the command the block runs (not for later ones in the same process)."""
+    global _VERBOSE
+
+    before, _VERBOSE = _VERBOSE, bool(on) or _VERBOSE
+    try:
+        yield
+    finally:
+        _VERBOSE = before
 
 
 class Capture(io.TextIOBase):
-    """Stands for stdout or stderr: whole lines to ``on_line(line, origin=...)``, where ``origin`` says who
-    wrote it: ``trial`` (a worker's output as Ray forwards it), ``qksweep`` (this process's qksweep code)
-    or ``library``."""
+    """Stands for stdout or stderr: whole lines to ``on_line(line, origin=..., err=...)``, where ``origin``
+    says who wrote it: ``trial`` (a worker's output as Ray forwards it), ``qksweep`` (this process's qksweep
+    code) or ``library``; ``err``: it was written to stderr."""
 
-    def __init__(self, on_line: Callable[..., None], original):
-        self.on_line, self.original = on_line, original
+    def __init__(self, on_line: Callable[..., None], original, *, err: bool = False):
+        self.on_line, self.original, self.err = on_line, original, err
         self._buf = ""
         self._origin = "library"
         self._lock = threading.Lock()
@@ -64,7 +88,7 @@ class Capture(io.TextIOBase):
             if lines:
                 self._origin = origin
         for i, ln in enumerate(lines):
-            self.on_line(ln, origin=first if i == 0 else origin)
+            self.on_line(ln, origin=first if i == 0 else origin, err=self.err)
         return len(s)
 
     def flush(self) -> None:
@@ -74,7 +98,7 @@ class Capture(io.TextIOBase):
         with self._lock:
             rest, self._buf = self._buf, ""
         if rest:
-            self.on_line(rest, origin=self._origin)
+            self.on_line(rest, origin=self._origin, err=self.err)
 
 
 def stream_handlers():
@@ -92,7 +116,7 @@ def stream_handlers():
 def captured_streams(on_line: Callable[..., None]):
     """stdout, stderr and the logging handlers on them go to ``on_line`` while the block runs."""
     out, err = sys.stdout, sys.stderr
-    cap_out, cap_err = Capture(on_line, out), Capture(on_line, err)
+    cap_out, cap_err = Capture(on_line, out), Capture(on_line, err, err=True)
     handlers = [(h, h.stream) for h in stream_handlers()]
     sys.stdout, sys.stderr = cap_out, cap_err
     for h, stream in handlers:
@@ -115,10 +139,10 @@ class TrainConsole:
     within the epoch on a terminal (samples/s), everything else in ``train.log``; ``--verbose``
     (``QKSWEEP_VERBOSE=1``) shows everything."""
 
-    def __init__(self, log_path: Path | None, out, *, tty: bool | None = None, show_all: bool | None = None):
-        self.out = out
+    def __init__(self, log_path: Path | None, out, *, err=None, tty: bool | None = None, show_all: bool | None = None):
+        self.out, self.err = out, err or out
         self.tty = out.isatty() if tty is None else tty
-        self.show_all = os.environ.get("QKSWEEP_VERBOSE") == "1" if show_all is None else show_all
+        self.show_all = verbose() if show_all is None else show_all
         self.log = None
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,17 +169,19 @@ class TrainConsole:
         if self.log is not None:
             self.log.close()
 
-    def show(self, text: str) -> None:
+    def show(self, text: str, err: bool = False) -> None:
         if self.progress is not None:
             self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
         else:
-            self.out.write(text + "\n")
-            self.out.flush()
+            stream = self.err if err else self.out
+            stream.write(text + "\n")
+            stream.flush()
 
-    def on_line(self, text: str, *, origin: str) -> None:
+    def on_line(self, text: str, *, origin: str, err: bool = False) -> None:
         from .trainables.extras.progress import parse
 
-        clean = ANSI.sub("", text)
+        logged = ANSI.sub("", text)
+        clean = plain(text)
         if not clean.strip():
             return
         rec = parse(clean)
@@ -165,9 +191,9 @@ class TrainConsole:
                     self._advance(rec)
                 return  # off a terminal the epoch line says it all
             if self.log is not None:
-                self.log.write(clean + "\n")
+                self.log.write(logged + "\n")
             if self.show_all or origin == "qksweep" or EPOCH_LINE.match(clean) or clean.startswith("qksweep"):
-                self.show(clean)
+                self.show(clean, err)
 
     def _advance(self, rec: dict) -> None:
         desc = f"epoch {rec['epoch']}/{rec['epochs']}"
@@ -183,7 +209,7 @@ class TrainConsole:
 @contextmanager
 def train_console(log_path: Path | None):
     """``qksweep train``'s console while the block runs (see :class:`TrainConsole`)."""
-    c = TrainConsole(log_path, sys.stdout)
+    c = TrainConsole(log_path, sys.stdout, err=sys.stderr)
     c.start()
     try:
         with captured_streams(c.on_line):

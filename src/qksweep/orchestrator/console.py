@@ -21,7 +21,6 @@ state: it hands each event to the :class:`Session` that :func:`session` opened i
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 import threading
@@ -33,16 +32,12 @@ from typing import Any
 
 from ray.tune import Callback
 
-from ..console import ANSI, captured_streams
+from ..console import ANSI, captured_streams, plain, verbose
 
 LOG_FILE = "sweep.log"
 EPOCH_LINE = re.compile(r"^\[[0-9a-f_]+\] epoch \d+/\d+")
 TRIAL_LINE = re.compile(r"^\[[0-9a-f_]+\] ")  # a trial's own qksweep line: "[TRIAL] MLflow at ... is not answering"
 ACTIVE: "Session | None" = None
-
-
-def verbose() -> bool:
-    return os.environ.get("QKSWEEP_VERBOSE") == "1"
 
 
 def _dur(s: float) -> str:
@@ -77,6 +72,7 @@ class Session:
         self.metric, self.mode, self.searched = metric, mode, searched
         self.scheduler, self.reduction_factor = scheduler, reduction_factor
         self.out = out or sys.stdout
+        self.err = sys.stderr if out is None else out
         self.tty = self.out.isatty() if tty is None else tty
         self.show_all = verbose() if show_all is None else show_all
         self.rows: dict[str, Row] = {}
@@ -90,23 +86,25 @@ class Session:
 
     # ------------------------------------------------------------------ output
 
-    def line(self, text: str) -> None:
-        """An event line: above the view on a terminal, a plain line otherwise; always in the log."""
+    def line(self, text: str, err: bool = False) -> None:
+        """An event line: above the view on a terminal, a plain line otherwise (on stderr when it was
+        written there); always in the log."""
         text = ANSI.sub("", text)
         with self.lock:
             self.log.write(text + "\n")
             if self.live is not None:
                 self.live.console.print(text, markup=False, highlight=False, soft_wrap=True)
             else:
-                self.out.write(text + "\n")
-                self.out.flush()
+                stream = self.err if err else self.out
+                stream.write(text + "\n")
+                stream.flush()
 
-    def captured(self, text: str, *, origin: str) -> None:
+    def captured(self, text: str, *, origin: str, err: bool = False) -> None:
         """A line that reached stdout/stderr while the sweep runs (``origin``: ``qksweep`` printed it in
         this process, a ``trial`` printed it, or a ``library``): the log always; the console when it is
         qksweep's (a print here, a trial's warning) or with --verbose. A trial's own epoch line goes to the
         log only: the console has the driver's."""
-        clean = ANSI.sub("", text)
+        logged, clean = ANSI.sub("", text), plain(text)
         if not clean.strip():
             return
         if origin == "trial" and EPOCH_LINE.match(clean):
@@ -116,10 +114,10 @@ class Session:
         else:
             keep = self.show_all or origin == "qksweep"
         if keep:
-            self.line(clean)
+            self.line(clean, err)
         else:
             with self.lock:
-                self.log.write(clean + "\n")
+                self.log.write(logged + "\n")
 
     # ------------------------------------------------------------------ events
 

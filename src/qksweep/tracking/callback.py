@@ -107,12 +107,12 @@ class MLflowEpochLogger(UserCallback):
         if left and self._outage_since is None:
             self._outage_since = time.monotonic()
             where = f"kept in {runs.mask_secrets(path)}" if path else "kept in memory"
-            print(f"{self.label}MLflow at {runs.mask_secrets(self.tracking_uri)} is not answering "
+            print(f"{self.label or 'qksweep: '}MLflow at {runs.mask_secrets(self.tracking_uri)} is not answering "
                   f"({runs.mask_secrets(str(err).splitlines()[0][:160]) if err else 'no answer'}); epoch {epoch} "
                   f"{where}; training goes on and the metrics are sent when the server is back",
                   file=sys.stderr, flush=True)
         elif not left and self._outage_since is not None:
-            print(f"{self.label}MLflow is back after {time.monotonic() - self._outage_since:.0f} s; "
+            print(f"{self.label or 'qksweep: '}MLflow is back after {time.monotonic() - self._outage_since:.0f} s; "
                   f"pending epochs sent (up to epoch {epoch})", file=sys.stderr, flush=True)
             self._outage_since = None
 
