@@ -122,8 +122,8 @@ def test_four_trial_sweep_parent_children_asha_and_continue(ray_session, workdir
     # signature; pyfunc serves it (the same logits on every call: the neurons are reset) as qksweep loads it
     from qksweep.tools.mlflow_model import logged_model
 
-    for r in trials:  # a trial that trained to its end has its model; one ASHA stopped has none until registered
-        assert (logged_model(uri, r.info.run_id) is not None) == (r.info.status == "FINISHED"), r.info.status
+    for r in trials:  # each trial's best checkpoint is a model: logged at its last epoch, or at the sweep's end
+        assert logged_model(uri, r.info.run_id) is not None, r.info.status
     status = c.get_run(res.best_run_id).info.status
     had = logged_model(uri, res.best_run_id)
     out = run_cli("best", "four", "--tracking-uri", uri, "--register", "four-best", cwd=workdir, timeout=300)

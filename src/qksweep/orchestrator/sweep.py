@@ -367,6 +367,7 @@ def _fit(tuner, cfg: Config, name: str, parent_run_id: str | None, files: SweepF
         _final_upload(files)
     result = summarize(grid, cfg, name, parent_run_id, files.tune_path)
     _clean_checkpoints(cfg, files, parent_run_id)
+    _log_missing_models(cfg, name)
     if parent_run_id:  # an MLflow server that is away leaves the parent's closing in the sweep folder's pending file
         from ..tracking.sweep_callback import close_parent_run
 
@@ -397,6 +398,39 @@ def _clean_checkpoints(cfg: Config, files: SweepFiles, parent_run_id: str | None
     if res.plan.remove:
         print(f"checkpoints: each trial keeps its best and last; freed {human(res.plan.freed)} "
               f"({human(res.before)} -> {human(res.after)}); `qksweep gc {files.name} --keep-best K` frees more")
+
+
+def _log_missing_models(cfg: Config, name: str) -> None:
+    """``tracking.log_model``: the trials that ended before their last epoch (stopped by ASHA or a rule, or
+    closed by a budget) have no model yet: each gets its best checkpoint's now, once the sweep is over (a
+    trial that trained to its end logged its own). A model that cannot be made is one warning line."""
+    if not (cfg.tracking.enabled and cfg.tracking.log_model):
+        return
+    import logging
+
+    from ..tools.mlflow_model import log_model, logged_model
+    from ..tracking import browse
+
+    log = logging.getLogger("qksweep")
+    try:
+        c = runs.client(cfg.tracking.uri)
+        found = browse.trial_runs(c, cfg.tracking.uri, exp_ids=browse.experiment_ids(c, cfg.tracking.uri, cfg.experiment),
+                                  sweep=name)
+    except Exception as e:  # noqa: BLE001 - the sweep's result stands; `best --register` logs a model when asked
+        log.warning("could not look up the trials' MLflow models (%s)", runs.first_line(e))
+        return
+    made = 0
+    for r in found:
+        if r.info.status == "FAILED" or not c.list_artifacts(r.info.run_id, "checkpoints/best"):
+            continue
+        try:
+            if logged_model(cfg.tracking.uri, r.info.run_id) is None:
+                log_model(cfg.tracking.uri, r.info.run_id)
+                made += 1
+        except Exception as e:  # noqa: BLE001
+            log.warning("the MLflow model of trial %s was not logged (%s)", r.data.tags.get(runs.TRIAL), runs.first_line(e))
+    if made:
+        print(f"models: logged the best checkpoint of {made} trial(s) that ended early as MLflow models")
 
 
 def _final_upload(files: SweepFiles) -> None:

@@ -5,7 +5,8 @@
 It is logged by the epoch logger once the last epoch is in MLflow, in the process that logs epochs (the
 trial's own, or the Train controller), before Tune hears of that epoch: ASHA stops a trial that reached
 ``max_t`` as soon as it does, so nothing after the trial's last report can be counted on to run. Trials
-stopped early (ASHA, a stop rule) have no model until they are registered."""
+stopped early (ASHA, a stop rule, a budget) get theirs from the sweep driver once the sweep is over
+(``orchestrator/sweep.py``'s ``_log_missing_models``)."""
 
 from __future__ import annotations
 
