@@ -125,3 +125,25 @@ def test_train_console_shows_epochs_a_bar_on_a_terminal_and_logs_the_rest(tmp_pa
         assert ("640 samples/s" in text and "5/10" in text) == tty, text  # the bar, on a terminal only
         log = (tmp_path / f"train{tty}.log").read_text()
         assert "(RayTrainWorker pid=3) generated new fontManager" in log and "qksweep-progress" not in log
+
+
+def test_a_line_is_told_by_who_wrote_it_even_after_a_librarys_partial_write():
+    """A library's partial write (a progress bar's carriage return) left in the buffer must not make the
+    qksweep line printed after it a library line (the sweep's "sweep waiting:" line went to the log only)."""
+    from qksweep.console import Capture
+
+    got = []
+    cap = Capture(lambda line, origin, err: got.append((line, origin)), io.StringIO())
+    exec("def emit(text):\n    cap.write(text)\n", scope := {"__name__": "qksweep.cluster.placement", "cap": cap})
+    exec("def emit(text):\n    cap.write(text)\n", lib := {"__name__": "tqdm.std", "cap": cap})
+    lib["emit"]("\r 40%|####")
+    scope["emit"]("sweep waiting: no trial has made progress for 11 s")
+    scope["emit"]("\n")
+    lib["emit"]("done\n")
+    # Ray's driver replaces print with tqdm_ray's safe_print: the line is qksweep's, who called it
+    exec("def safe_print(text):\n    cap.write(text)\n", ray := {"__name__": "ray.experimental.tqdm_ray", "cap": cap})
+    exec("def emit(text):\n    safe_print(text)\n", viaray := {"__name__": "qksweep.cluster.placement",
+                                                                  "safe_print": ray["safe_print"]})
+    viaray["emit"]("released placement group 1234abcd\n")
+    assert got == [("\r 40%|####", "library"), ("sweep waiting: no trial has made progress for 11 s", "qksweep"),
+                   ("done", "library"), ("released placement group 1234abcd", "qksweep")]

@@ -20,6 +20,9 @@ from typing import Callable
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Za-z0-9]|\r")
 TRAIN_LOG = "train.log"
+# modules between a print (or a log call) and the stream: the line is told by the frame above them. Ray's
+# driver replaces builtins.print with tqdm_ray's safe_print, so every print in it goes through that.
+PASS_THROUGH = ("logging", "io", "_io", "ray.experimental.tqdm_ray")
 # Ray's prefix on a worker's forwarded line (unless RAY_DISABLE_WORKER_LOG_PREFIX=1, which the CLI sets)
 RAY_PREFIX = re.compile(r"^\((?:[\w.:-]+ )?pid=\d+(?:, ip=[\w.:-]+)?\) ")
 
@@ -53,8 +56,7 @@ class Capture(io.TextIOBase):
 
     def __init__(self, on_line: Callable[..., None], original, *, err: bool = False):
         self.on_line, self.original, self.err = on_line, original, err
-        self._buf = ""
-        self._origin = "library"
+        self._bufs: dict[int, tuple[str, str]] = {}  # thread -> (partial line, its origin)
         self._lock = threading.Lock()
 
     def writable(self) -> bool:
@@ -74,21 +76,23 @@ class Capture(io.TextIOBase):
         if threading.current_thread().name == "ray_print_logs":
             origin = "trial"  # a worker's output as Ray forwards it
         else:  # who printed: qksweep's own code, or a library (Tune's banner, a logging handler, a progress bar)
-            caller = sys._getframe(1)
-            while caller is not None and caller.f_globals.get("__name__", "").startswith(("logging", "io", "_io")):
+            caller = sys._getframe(1)  # past logging's frames and Ray's print wrapper (tqdm_ray.safe_print)
+            while caller is not None and caller.f_globals.get("__name__", "").startswith(PASS_THROUGH):
                 caller = caller.f_back
             module = caller.f_globals.get("__name__", "") if caller is not None else ""
             origin = "qksweep" if module.startswith("qksweep") else "library"
-        with self._lock:
-            if not self._buf:
-                self._origin = origin
-            self._buf += s
-            *lines, self._buf = self._buf.split("\n")
-            first = self._origin
-            if lines:
-                self._origin = origin
-        for i, ln in enumerate(lines):
-            self.on_line(ln, origin=first if i == 0 else origin, err=self.err)
+        out: list[tuple[str, str]] = []
+        key = threading.get_ident()
+        with self._lock:  # one partial line per thread; a writer of another origin ends the one before it
+            buf, buf_origin = self._bufs.get(key, ("", origin))
+            if buf and buf_origin != origin:
+                out.append((buf, buf_origin))
+                buf = ""
+            *lines, rest = (buf + s).split("\n")
+            out += [(ln, origin) for ln in lines]
+            self._bufs[key] = (rest, origin)
+        for ln, o in out:
+            self.on_line(ln, origin=o, err=self.err)
         return len(s)
 
     def flush(self) -> None:
@@ -96,9 +100,10 @@ class Capture(io.TextIOBase):
 
     def drain(self) -> None:
         with self._lock:
-            rest, self._buf = self._buf, ""
-        if rest:
-            self.on_line(rest, origin=self._origin, err=self.err)
+            rest, self._bufs = list(self._bufs.values()), {}
+        for text, origin in rest:
+            if text:
+                self.on_line(text, origin=origin, err=self.err)
 
 
 def stream_handlers():
