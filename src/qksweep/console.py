@@ -30,6 +30,8 @@ RAY_PREFIX = re.compile(r"^\((?:[\w.:-]+ )?pid=\d+(?:, ip=[\w.:-]+)?\) ")
 def plain(text: str) -> str:
     """A captured line without ANSI codes and without Ray's ``(Actor pid=N)`` prefix."""
     return RAY_PREFIX.sub("", ANSI.sub("", text))
+
+
 _VERBOSE = False  # --verbose of this command (QKSWEEP_VERBOSE=1 also turns it on)
 
 
