@@ -197,8 +197,7 @@ def checkpointed_trials(results: Path, sweep: str) -> set[str]:
 
 @pytest.mark.parametrize("launcher", ["tune", "train"])
 def test_killed_driver_then_resume_finishes_each_trial_once(ray_session, workdir, launcher):
-    # two trials at a time: both are mid-flight when the driver is killed, and the resume runs them together
-    cfg = sweep_config(workdir, scheduler={"name": "none"}, num_samples=3, max_concurrent=2)
+    cfg = sweep_config(workdir, scheduler={"name": "none"}, num_samples=3)
     cfg["run"]["launcher"] = launcher
     (workdir / "sweep.yaml").write_text(yaml.safe_dump(cfg))
     uri = cfg["tracking"]["uri"]
