@@ -32,6 +32,17 @@ def plain(text: str) -> str:
     return RAY_PREFIX.sub("", ANSI.sub("", text))
 
 
+def emit(text: str, live_console, out, err, to_err: bool = False) -> None:
+    """One line for the user: above a live ``rich`` view when one runs (``live_console``), else a plain
+    line on stdout or, when it was written there, stderr."""
+    if live_console is not None:
+        live_console.print(text, markup=False, highlight=False, soft_wrap=True)
+    else:
+        stream = err if to_err else out
+        stream.write(text + "\n")
+        stream.flush()
+
+
 _VERBOSE = False  # --verbose of this command (QKSWEEP_VERBOSE=1 also turns it on)
 
 
@@ -98,7 +109,7 @@ class Capture(io.TextIOBase):
         return len(s)
 
     def flush(self) -> None:
-        pass
+        """Nothing to do: a line is handed on as soon as its newline is written."""
 
     def drain(self) -> None:
         with self._lock:
@@ -177,12 +188,7 @@ class TrainConsole:
             self.log.close()
 
     def show(self, text: str, err: bool = False) -> None:
-        if self.progress is not None:
-            self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
-        else:
-            stream = self.err if err else self.out
-            stream.write(text + "\n")
-            stream.flush()
+        emit(text, self.progress.console if self.progress is not None else None, self.out, self.err, err)
 
     def on_line(self, text: str, *, origin: str, err: bool = False) -> None:
         from .trainables.extras.progress import parse

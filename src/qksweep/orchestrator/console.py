@@ -32,7 +32,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from ..console import ANSI, captured_streams, plain, verbose
+from ..console import ANSI, captured_streams, emit, plain, verbose
 
 LOG_FILE = "sweep.log"
 EPOCH_LINE = re.compile(r"^\[[0-9a-f_]+\] epoch \d+/\d+")
@@ -92,12 +92,7 @@ class Session:
         text = ANSI.sub("", text)
         with self.lock:
             self.log.write(text + "\n")
-            if self.live is not None:
-                self.live.console.print(text, markup=False, highlight=False, soft_wrap=True)
-            else:
-                stream = self.err if err else self.out
-                stream.write(text + "\n")
-                stream.flush()
+            emit(text, self.live.console if self.live is not None else None, self.out, self.err, err)
 
     def captured(self, text: str, *, origin: str, err: bool = False) -> None:
         """A line that reached stdout/stderr while the sweep runs (``origin``: ``qksweep`` printed it in

@@ -268,9 +268,14 @@ def collect(files, cfg, *, keep_best: int | None = None, dry_run: bool = False,
 
 
 def record(uri: str, run_id: str, before: int, after: int) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
     from ..tracking import runs
 
     c = runs.client(uri)
     step = len(runs.retrying(lambda: c.get_metric_history(run_id, "storage/bytes_after"), what="metric history"))
-    runs.retrying(lambda: (c.log_metric(run_id, "storage/bytes_before", before, step=step),
-                           c.log_metric(run_id, "storage/bytes_after", after, step=step)), what="storage figures")
+    now = int(time.time() * 1000)
+    figures = [Metric(k, float(v), now, step) for k, v in (("storage/bytes_before", before), ("storage/bytes_after", after))]
+    runs.retrying(lambda: c.log_batch(run_id, metrics=figures), what="storage figures")

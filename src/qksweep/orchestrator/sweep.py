@@ -408,25 +408,25 @@ def _log_missing_models(cfg: Config, name: str) -> None:
         return
     import logging
 
-    from ..tools.mlflow_model import log_model, logged_model
+    from ..tools.mlflow_model import log_model, logged_models
     from ..tracking import browse
 
     log = logging.getLogger("qksweep")
     try:
         c = runs.client(cfg.tracking.uri)
-        found = browse.trial_runs(c, cfg.tracking.uri, exp_ids=browse.experiment_ids(c, cfg.tracking.uri, cfg.experiment),
-                                  sweep=name)
+        exp_ids = browse.experiment_ids(c, cfg.tracking.uri, cfg.experiment)
+        found = browse.trial_runs(c, cfg.tracking.uri, exp_ids=exp_ids, sweep=name)
+        have = logged_models(cfg.tracking.uri, exp_ids)  # one search for every trial's model
     except Exception as e:  # noqa: BLE001 - the sweep's result stands; `best --register` logs a model when asked
         log.warning("could not look up the trials' MLflow models (%s)", runs.first_line(e))
         return
     made = 0
     for r in found:
-        if r.info.status == "FAILED" or not c.list_artifacts(r.info.run_id, "checkpoints/best"):
+        if r.info.status == "FAILED" or r.info.run_id in have or not c.list_artifacts(r.info.run_id, "checkpoints/best"):
             continue
         try:
-            if logged_model(cfg.tracking.uri, r.info.run_id) is None:
-                log_model(cfg.tracking.uri, r.info.run_id)
-                made += 1
+            log_model(cfg.tracking.uri, r.info.run_id)
+            made += 1
         except Exception as e:  # noqa: BLE001
             log.warning("the MLflow model of trial %s was not logged (%s)", r.data.tags.get(runs.TRIAL), runs.first_line(e))
     if made:

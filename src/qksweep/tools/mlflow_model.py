@@ -100,18 +100,27 @@ def log_model(uri: str, run_id: str, *, which: str = "best", registered_model_na
             quiet.setLevel(level)
 
 
-def logged_model(uri: str, run_id: str):
-    """The model qksweep logged in run ``run_id`` (``tracking.log_model``), or None."""
+def logged_models(uri: str, experiment_ids: list[str], run_id: str | None = None) -> dict:
+    """run id -> the newest model qksweep logged in that run (``tracking.log_model``), in one search."""
     import mlflow
 
+    where = f"source_run_id = '{run_id}'" if run_id else None
+    with _tracking(uri):
+        found = mlflow.search_logged_models(experiment_ids=experiment_ids, filter_string=where, output_format="list")
+    out: dict = {}
+    for m in found:
+        rid = (m.tags or {}).get("qksweep.run_id")
+        if m.name == ARTIFACT and rid == m.source_run_id and (rid not in out or m.creation_timestamp > out[rid].creation_timestamp):
+            out[rid] = m
+    return out
+
+
+def logged_model(uri: str, run_id: str):
+    """The model qksweep logged in run ``run_id``, or None."""
     from ..tracking.runs import client, retrying
 
     exp = retrying(lambda: client(uri).get_run(run_id), what="run lookup").info.experiment_id
-    with _tracking(uri):
-        found = mlflow.search_logged_models(experiment_ids=[exp], filter_string=f"source_run_id = '{run_id}'",
-                                            output_format="list")
-    mine = [m for m in found if (m.tags or {}).get("qksweep.run_id") == run_id and m.name == ARTIFACT]
-    return max(mine, key=lambda m: m.creation_timestamp) if mine else None
+    return logged_models(uri, [exp], run_id).get(run_id)
 
 
 def register_run(uri: str, run_id: str, name: str, *, alias: str = "champion", which: str = "best",

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..config import DEFAULT_TRACKING_URI, Config, ConfigError, build_config
+from ..tracking.models import is_model_uri
 from ..trainables.checkpoint import CKPT_FILE, CONFIG_FILE, CheckpointError, load_checkpoint
 
 __all__ = [
@@ -272,9 +273,9 @@ def load_source(
     if path.exists():
         state, config, ckpt_dir = _read_checkpoint(path)
         where = text
-    elif is_run_id(text) or text.startswith("models:/"):
+    elif is_run_id(text) or is_model_uri(text):
         run_id, registered = text, None
-        if text.startswith("models:/"):  # a registered model version: the checkpoint of the run it came from
+        if is_model_uri(text):  # a registered model version: the checkpoint of the run it came from
             from ..tracking.models import source_run
 
             run_id, registered = source_run(text, uri)
