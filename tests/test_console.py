@@ -20,7 +20,7 @@ def make(tmp_path, *, show_all=False, tty=False):
 
 def trial(tid, **kw):
     return SimpleNamespace(trial_id=tid, config={"optim.lr": 0.00123456, "model.depth": 2}, last_result={},
-                           status="RUNNING", error_msg=None, **kw)
+                           status="RUNNING", error_file=None, get_error=lambda: None, **kw)
 
 
 def test_each_event_is_one_plain_line(tmp_path):
@@ -39,7 +39,9 @@ def test_each_event_is_one_plain_line(tmp_path):
     c.last_result = {"epoch": 1, "stopped_by": "firing_rate"}
     s.trial_result(c, {"epoch": 1, "val/top1": 0.1})
     s.trial_complete(c)
-    d.error_msg = "Traceback (most recent call last):\n  ...\nRuntimeError: the epoch 1 checkpoint could not be written\n"
+    d.get_error = lambda: ("Failure # 1 (occurred at 2026-12-06_10-00-00)\nray::ImplicitFunc.train() (pid=1)\n"
+                           "Traceback (most recent call last):\n  ...\n"
+                           "RuntimeError: the epoch 1 checkpoint could not be written\n\n")
     s.trial_error(d)
     assert out.getvalue().splitlines() == [
         "trial a1 started: optim.lr=0.00123  model.depth=2",

@@ -39,7 +39,7 @@ def small_disk(workdir):
 
 
 @pytest.mark.slow
-def test_a_full_disk_fails_that_trial_in_one_line_and_the_sweep_goes_on(ray_session, workdir, small_disk):
+def test_a_full_disk_fails_that_trial_in_one_line_and_the_sweep_goes_on(ray_session, workdir, small_disk, capsys):
     cfg = tiny_config(workdir, run={"max_failures": 0, "keep_checkpoints": 2}, optim={"epochs": 2})
     cfg["sweep"] = {"num_samples": 3, "max_concurrent": 1, "metric": "val/loss", "mode": "min",
                     "searcher": {"sampler": "random", "seed": 10}, "scheduler": {"name": "none"},
@@ -60,6 +60,8 @@ def test_a_full_disk_fails_that_trial_in_one_line_and_the_sweep_goes_on(ray_sess
     line = wide.data.tags["qksweep.error"]
     assert "the epoch 2 checkpoint could not be written to" in line, line
     assert str(small_disk) in line and "no space left on device" in line and "run.storage" in line, line
+    failed = [ln for ln in capsys.readouterr().out.splitlines() if " failed: " in ln]  # the console's event line
+    assert len(failed) == 1 and "the epoch 2 checkpoint could not be written to" in failed[0], failed
     for r in trials:  # nothing already logged is lost
         steps = sorted(m.step for m in c.get_metric_history(r.info.run_id, "epoch"))
         assert steps == ([1] if r is wide else [1, 2]), (r.data.params["model.embed_dim"], steps)

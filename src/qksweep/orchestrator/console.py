@@ -33,6 +33,7 @@ from typing import Any
 from ray.tune import Callback
 
 from ..console import ANSI, captured_streams, emit, plain, verbose
+from ..tracking.sweep_callback import error_line
 
 LOG_FILE = "sweep.log"
 EPOCH_LINE = re.compile(r"^\[[0-9a-f_]+\] epoch \d+/\d+")
@@ -173,8 +174,7 @@ class Session:
     def trial_error(self, trial) -> None:
         r = self.row(trial)
         r.status = "FAILED"
-        err = str(getattr(trial, "error_msg", None) or "trial errored").strip().splitlines()
-        first = next((ln for ln in reversed(err) if ln.strip()), "trial errored")
+        first = error_line(trial)
         r.note = first[:200]
         self.line(f"trial {trial.trial_id} failed: {first[:300]}")
         self.refresh(force=True)

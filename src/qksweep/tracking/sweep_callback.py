@@ -7,12 +7,26 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 from ray.tune import Callback
 
 from . import finalize, pending, runs
 
 log = logging.getLogger("qksweep.tracking")
+
+
+def error_line(trial) -> str:
+    """The line that names what ended an errored Tune trial (the exception at the end of the traceback
+    Tune stores with it), or ``trial errored`` when Tune kept none."""
+    text = None
+    try:  # Tune writes the error file in the trial's local folder first and syncs it to storage later
+        local = getattr(trial, "error_file", None)
+        text = Path(local).read_text() if local and Path(local).is_file() else trial.get_error()
+    except Exception:  # noqa: BLE001 - the trial's folder may be remote or gone: say what is known
+        pass
+    lines = [ln.strip() for ln in str(text or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else "trial errored"
 
 
 class SweepTracker(Callback):
@@ -93,8 +107,7 @@ class SweepTracker(Callback):
             runs.set_tags(c, run_id, {"qksweep.constraint_violated": ", ".join(broken)})
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        err = getattr(trial, "error_msg", None) or "trial errored"
-        tags = {"qksweep.error": str(err).strip().splitlines()[-1][:500]}
+        tags = {"qksweep.error": error_line(trial)[:500]}
         try:
             self._flush_pending(trial)
             c, run_id, status = self._run_id(trial.trial_id)
