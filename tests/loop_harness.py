@@ -33,12 +33,14 @@ class Recorder(LocalTrainFnUtils):
         return Checkpoint(str(self.resume)) if self.resume else None
 
 
-def run_loop(cfg: dict, store: Path, resume: Path | None = None) -> list[tuple[dict[str, Any], Path | None]]:
-    """[(metrics, checkpoint dir)] per epoch of one in-process run of ``train_loop``."""
+def run_loop(cfg: dict, store: Path, resume: Path | None = None,
+             extra: dict[str, Any] | None = None) -> list[tuple[dict[str, Any], Path | None]]:
+    """[(metrics, checkpoint dir)] per epoch of one in-process run of ``train_loop`` (``extra``: more of the
+    loop config, e.g. ``repeats``)."""
     rec = Recorder(store, resume)
     set_train_fn_utils(rec)
     try:
-        train_loop({"config": build_config(cfg).to_dict(), "tracking_uri": None})
+        train_loop({"config": build_config(cfg).to_dict(), "tracking_uri": None, **(extra or {})})
     finally:
         set_train_fn_utils(None)
     return rec.reports

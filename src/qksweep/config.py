@@ -346,6 +346,9 @@ class SweepConfig(_Section):
     time_budget_s: float | None = Field(default=None, gt=0)
     stop_at: dict[str, float] = Field(default_factory=dict)  # {val/top1: 0.99}: a sweep.metric reached ends it
     patience: int | None = Field(default=None, gt=0)  # N finished trials in a row without a better best end it
+    # each sampled configuration trains with seeds run.seed + i, i < repeats, side by side in one trial: the
+    # searcher and the scheduler see the mean (trainables/repeats.py); each seed is a nested MLflow run
+    repeats: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _objectives_match(self) -> "SweepConfig":

@@ -26,8 +26,10 @@ class MLflowEpochLogger(UserCallback):
     :mod:`qksweep.tracking.pending`), which is sent first at the next epoch and by the trial's end."""
 
     def __init__(self, tracking_uri: str, run_id: str, *, metric: str, mode: str, epochs: int,
-                 label: str = "", echo: bool = True, run_dir: str | None = None, on_last_epoch=None):
+                 label: str = "", echo: bool = True, run_dir: str | None = None, on_last_epoch=None,
+                 seed_runs: list[str] | None = None):
         self.tracking_uri, self.run_id = tracking_uri, run_id
+        self.seed_runs = list(seed_runs or [])  # sweep.repeats: each seed's nested run, for the report's `_seeds`
         self.on_last_epoch = on_last_epoch  # called once the last epoch is in MLflow (tracking.log_model)
         self.metric, self.mode, self.epochs = metric, mode, epochs
         self.label, self.echo = label, echo
@@ -74,6 +76,7 @@ class MLflowEpochLogger(UserCallback):
         replay = m.get("_replay")
         if replay and not (known and int(replay.get("epoch", 0)) in seen):
             out.append(pending.epoch_record(self.tracking_uri, self.run_id, replay))
+            out += self._seed_records(replay)
         if known and epoch in seen:
             return out
         tags = dict(m.get("_tags") or {})
@@ -81,6 +84,7 @@ class MLflowEpochLogger(UserCallback):
             tags.update({"qksweep.stopped_by": m["_stopped_by"], "qksweep.stop_reason": str(m.get("_stop_reason") or ""),
                          "qksweep.stopped_at_epoch": str(epoch)})
         out.append(pending.epoch_record(self.tracking_uri, self.run_id, m, tags=tags))
+        out += self._seed_records(m)
         value = m.get(self.metric)
         if checkpoint is not None and isinstance(value, (int, float)) and math.isfinite(value) and self._improved(value):
             self._best = float(value)
@@ -93,6 +97,13 @@ class MLflowEpochLogger(UserCallback):
                 out.append({"type": "artifacts", "uri": self.tracking_uri, "run_id": self.run_id, "folder": folder,
                             "artifact_path": artifact_path, "checkpoint": _checkpoint_uri(checkpoint, self.run_dir)})
         return out
+
+    def _seed_records(self, m: dict[str, Any]) -> list[dict[str, Any]]:
+        """Each seed's own metrics of the epoch to its nested run (the sender skips epochs a run holds)."""
+        from . import pending
+
+        return [pending.epoch_record(self.tracking_uri, run_id, seed)
+                for run_id, seed in zip(self.seed_runs, m.get("_seeds") or [])]
 
     def _improved(self, value: float) -> bool:
         """Against the best checkpoint this logger chose (the run's own history is checked again when the

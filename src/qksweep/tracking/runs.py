@@ -25,6 +25,7 @@ log = logging.getLogger("qksweep.tracking")
 T = TypeVar("T")
 
 KIND, SWEEP, TRIAL, RUN_NAME = "qksweep.kind", "qksweep.sweep", "qksweep.trial_id", "qksweep.run_name"
+SEED_KIND, SEED_INDEX = "seed", "qksweep.seed_index"  # sweep.repeats: a trial's nested run of one seed
 PARENT = "mlflow.parentRunId"
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -229,9 +230,18 @@ def set_tags(c: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
 
 
 def finish_run(c: MlflowClient, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
+    """Close a run, and with it the runs of its seeds (``sweep.repeats``) that are still running: every way a
+    trial's run ends (its own end, a scheduler's stop, a budget, an orphan's close) comes through here."""
     if tags:
         set_tags(c, run_id, tags)
     retrying(lambda: c.set_terminated(run_id, status=status), what="run termination")
+    run = retrying(lambda: c.get_run(run_id), what="run status")
+    if run.data.tags.get("qksweep.repeats"):
+        seeds = retrying(lambda: c.search_runs(
+            [run.info.experiment_id], f"tags.`{PARENT}` = '{run_id}' and tags.`{KIND}` = '{SEED_KIND}' "
+            "and attributes.status = 'RUNNING'"), what="run lookup")
+        for r in seeds:
+            retrying(lambda r=r: c.set_terminated(r.info.run_id, status=status), what="run termination")
 
 
 def close_if_running(c: MlflowClient, run_id: str, status: str, tags: dict[str, str] | None = None) -> bool:

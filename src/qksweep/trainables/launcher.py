@@ -13,7 +13,7 @@ from ..tracking.callback import MLflowEpochLogger
 
 def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: list | None = None,
                  label: str = "", echo: bool = True, extra: dict[str, Any] | None = None,
-                 resume_from: str | None = None, storage_path: str | None = None):
+                 resume_from: str | None = None, storage_path: str | None = None, seed_runs: list[str] | None = None):
     """The trainer of Train run ``run_name`` in ``storage_path`` (default ``run.storage``)."""
     import ray.train
 
@@ -32,7 +32,7 @@ def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: l
         cbs.insert(0, MLflowEpochLogger(cfg.tracking.uri, run_id, metric=metric, mode=mode,
                                         epochs=cfg.optim.epochs, label=label, echo=echo,
                                         run_dir=join(storage_path, run_name),
-                                        on_last_epoch=on_last_epoch(cfg, run_id, label)))
+                                        on_last_epoch=on_last_epoch(cfg, run_id, label), seed_runs=seed_runs))
     run_config = ray.train.RunConfig(
         name=run_name,
         storage_path=storage_path,

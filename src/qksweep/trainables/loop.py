@@ -14,7 +14,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import ray.train
 import ray.train.torch
@@ -43,8 +43,21 @@ def quiet_ray_train_logs() -> None:
 
 def train_loop(loop_config: dict[str, Any], session: Session | None = None) -> None:
     quiet_ray_train_logs()
-    cfg = Config.model_validate(loop_config["config"])
     s = session or train_session()
+    repeats = int(loop_config.get("repeats") or 1)
+    if repeats > 1:  # sweep.repeats: the same configuration with several seeds, side by side (repeats.py)
+        from .repeats import train_repeats
+
+        train_repeats(loop_config, s, repeats)
+        return
+    for _ in epochs(loop_config, s):
+        pass
+
+
+def epochs(loop_config: dict[str, Any], s: Session) -> Iterator[tuple[dict[str, Any], bool]]:
+    """The loop itself. It yields each epoch once reported: (its metrics, whether a stop rule ended the run,
+    the same on every rank)."""
+    cfg = Config.model_validate(loop_config["config"])
     seed_everything(cfg.run.seed)
     core = build_core(cfg, rank=s.rank, world=s.world, device=s.device, ray_train=s.ray_train)
     extras = build_extras(core, loop_config)
@@ -65,6 +78,7 @@ def train_loop(loop_config: dict[str, Any], session: Session | None = None) -> N
                 metrics["_stopped_by"], metrics["_stop_reason"] = stop.stopped_by, stop.stop_request()
             report(core, extras, s, metrics, epoch=epoch, updates=updates,
                    last=stop is not None or epoch + 1 == cfg.optim.epochs)
+            yield metrics, stop is not None
             if stop is not None:
                 break
     finally:
@@ -177,12 +191,18 @@ def report(core: Core, extras: list[Extra], s: Session, metrics: dict, *, epoch:
             e.after_checkpoint(Path(tmp), metrics)
         if last and (published := publish_all(extras, Path(tmp))):
             metrics["_publish"] = published
-        root = s.checkpoint_root()
-        before = checkpoint_dirs(root)
-        try:
-            s.report(metrics, ray.train.Checkpoint.from_directory(tmp))
-        except OSError as e:  # persisting into run.storage: a full disk, a read-only folder
-            if not is_write_failure(e):  # anything else (the report's own plumbing) is not a lost checkpoint
-                raise
-            remove_partial(root, before)
-            raise write_error(e, epoch=epoch + 1, where=root) from None  # the line names the reason
+        persist(s, metrics, Path(tmp), epoch=epoch + 1)
+
+
+def persist(s: Session, metrics: dict, folder: Path, *, epoch: int) -> None:
+    """Report ``metrics`` with the checkpoint in ``folder``, which the report copies into the run's storage;
+    a storage that refuses it (a full disk, a read-only folder) fails the run in one line naming it."""
+    root = s.checkpoint_root()
+    before = checkpoint_dirs(root)
+    try:
+        s.report(metrics, ray.train.Checkpoint.from_directory(str(folder)))
+    except OSError as e:  # persisting into run.storage
+        if not is_write_failure(e):  # anything else (the report's own plumbing) is not a lost checkpoint
+            raise
+        remove_partial(root, before)
+        raise write_error(e, epoch=epoch, where=root) from None  # the line names the reason

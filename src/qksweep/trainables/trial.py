@@ -62,8 +62,9 @@ def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, pa
                       if_running=True, label=f"[{trial_id}] ", resume_hint=f"qksweep resume {sweep}")
         return
     label = f"[{trial_id}] "
+    seed_runs = _seed_runs(cfg, sweep, trial_id, run, name) if run and cfg.sweep.repeats > 1 else []
     try:
-        checkpoint = (fit_in_trial if launcher == "tune" else fit_on_train)(cfg, run, name, label, under)
+        checkpoint = (fit_in_trial if launcher == "tune" else fit_on_train)(cfg, run, name, label, under, seed_runs)
         kill_point("train_done")
     except Exception as e:
         if run:
@@ -75,19 +76,19 @@ def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, pa
                   label=label, resume_hint=f"qksweep resume {sweep}")
 
 
-def fit_on_train(cfg, run: TrackedRun | None, name: str, label: str, under: str):
+def fit_on_train(cfg, run: TrackedRun | None, name: str, label: str, under: str, seed_runs: list[str]):
     """The trial as a Ray Train run (folder ``under/name``); its epochs reach MLflow through the Train
     controller's callbacks."""
     report = PublicTuneReport(result_static(cfg, run))
     guard = LastReportGuard()
     trainer = make_trainer(cfg, run_name=name, run_id=run and run.run_id, callbacks=[report], label=label,
-                           storage_path=under)
+                           storage_path=under, extra={"repeats": cfg.sweep.repeats}, seed_runs=seed_runs)
     checkpoint = trainer.fit().checkpoint
     guard.drain()  # the last epoch reached Tune before this function returns (Ray 2.60 race, see report.py)
     return checkpoint
 
 
-def fit_in_trial(cfg, run: TrackedRun | None, name: str, label: str, under: str):
+def fit_in_trial(cfg, run: TrackedRun | None, name: str, label: str, under: str, seed_runs: list[str]):
     """The trial in this process (Tune's function API): the epoch logger runs here, after each checkpoint
     is persisted and before Tune sees the epoch. Returns the last checkpoint."""
     import ray.tune
@@ -101,12 +102,12 @@ def fit_in_trial(cfg, run: TrackedRun | None, name: str, label: str, under: str)
     if run is not None:
         logger = MLflowEpochLogger(cfg.tracking.uri, run.run_id, metric=cfg.sweep.metrics[0], mode=cfg.sweep.modes[0],
                                    epochs=cfg.optim.epochs, label=label, run_dir=join(under, name),
-                                   on_last_epoch=on_last_epoch(cfg, run.run_id, label))
+                                   on_last_epoch=on_last_epoch(cfg, run.run_id, label), seed_runs=seed_runs)
         after = lambda metrics, checkpoint: logger.after_report(None, [metrics], checkpoint)  # noqa: E731
     ts = TuneSession(gpus=cfg.run.gpus_per_worker, static=result_static(cfg, run), after_persist=after)
     session = ts.session()
     kill_point("train_run")
-    train_loop(loop_config(cfg, extra={"run_id": run and run.run_id}), session=session)
+    train_loop(loop_config(cfg, extra={"run_id": run and run.run_id, "repeats": cfg.sweep.repeats}), session=session)
     return ts.last_checkpoint or ray.tune.get_checkpoint()  # restored with no epoch left: the one it had
 
 
@@ -121,8 +122,27 @@ def _trial_run(cfg, sweep: str, trial_id: str, sample: dict[str, Any], parent_ru
     tags = {**trial_tags(sweep, trial_id, parent_run_id), **neuron_tags, "qksweep.searched": json.dumps(sorted(sample)),
             "qksweep.metric": cfg.sweep.metrics[0], "qksweep.mode": cfg.sweep.modes[0],
             "qksweep.objectives": json.dumps(dict(zip(cfg.sweep.metrics, cfg.sweep.modes)))}
+    if cfg.sweep.repeats > 1:
+        tags["qksweep.repeats"] = str(cfg.sweep.repeats)
     return open_run(cfg.tracking.uri, cfg.experiment, {runs.KIND: "trial", runs.SWEEP: sweep, runs.TRIAL: trial_id},
                     run_name=name, params=params, folder=folder, tags=tags, files=config_file(cfg))
+
+
+def _seed_runs(cfg, sweep: str, trial_id: str, run: TrackedRun, name: str) -> list[str]:
+    """``sweep.repeats``: one MLflow run per seed, nested under the trial's run (found again by its tags), with
+    the trial's params at its own ``run.seed``. The trial's run logs the mean; these, each seed's epochs.
+    They close with the trial's run (``runs.finish_run``)."""
+    from ..models import run_neuron_params
+
+    neuron_params, _ = run_neuron_params(cfg.model)
+    out = []
+    for i in range(cfg.sweep.repeats):
+        seeded = cfg.model_copy(update={"run": cfg.run.model_copy(update={"seed": cfg.run.seed + i})})
+        lookup = {runs.KIND: runs.SEED_KIND, runs.SWEEP: sweep, runs.TRIAL: trial_id, runs.SEED_INDEX: str(i)}
+        out.append(open_run(cfg.tracking.uri, cfg.experiment, lookup, run_name=f"{name}-seed{i}",
+                            params=run_params(seeded, neuron_params), folder=None,
+                            tags={runs.PARENT: run.run_id}).run_id)
+    return out
 
 
 def result_static(cfg, run: TrackedRun | None) -> dict[str, Any]:
