@@ -379,6 +379,8 @@ def check_search_algorithms(cfg: Config) -> None:
     """The scheduler and sampler fit the metrics and the epochs (``orchestrator.searcher`` builds them
     from a config that passed here)."""
     s, multi = cfg.sweep.scheduler, len(cfg.sweep.metrics) > 1
+    if s.population_based:
+        check_pbt(cfg)
     if s.name == "moasha" and not multi:
         raise ConfigError("sweep.scheduler.name 'moasha' ranks trials on several metrics; give sweep.metric as a list "
                           "(e.g. [val/top1, snn/energy_mj]) or use asha for one metric")
@@ -392,6 +394,39 @@ def check_search_algorithms(cfg: Config) -> None:
     sampler = cfg.sweep.searcher.sampler
     if multi and sampler not in SINGLE_AND_MULTI_OBJECTIVE:
         raise ConfigError(f"sweep.searcher.sampler '{sampler}' is single-objective; use tpe or nsga2 with several metrics")
+
+
+def check_pbt(cfg: Config) -> None:
+    """Population-based training (``orchestrator/pbt.py``): one metric, something it can change while trials
+    train, and none of what only an Optuna searcher or several seeds per trial have."""
+    from .orchestrator.pbt import MUTABLE
+
+    sw, name = cfg.sweep, cfg.sweep.scheduler.name
+    if len(sw.metrics) > 1:
+        raise ConfigError(f"sweep.scheduler.name '{name}' ranks trials on one metric; give one sweep.metric, or use "
+                          "moasha for several")
+    specs = parse_space(sw.space)
+    keys = [s for s in specs if s.key in MUTABLE]
+    if not keys:
+        raise ConfigError(f"sweep.scheduler.name '{name}' changes values while trials train, and sweep.space has none "
+                          f"it can change: add one of {', '.join(MUTABLE)}")
+    if name == "pb2":
+        discrete = [s for s in keys if s.values() is not None]
+        if discrete:
+            raise ConfigError(f"sweep.scheduler.name 'pb2' models continuous values, but sweep.space.{discrete[0].key} is "
+                              f"{discrete[0].dist}: make it uniform or loguniform, or use pbt")
+    if sw.scheduler.perturbation_interval >= cfg.optim.epochs:
+        raise ConfigError(f"sweep.scheduler.perturbation_interval={sw.scheduler.perturbation_interval} leaves no "
+                          f"perturbation within optim.epochs={cfg.optim.epochs}: make it smaller than the epochs")
+    if sw.repeats > 1:
+        raise ConfigError(f"sweep.repeats={sw.repeats} with sweep.scheduler.name '{name}': a trial that copies another "
+                          "copies one checkpoint, not one per seed; use repeats with asha or none")
+    if sw.warm_start:
+        raise ConfigError(f"sweep.warm_start seeds an Optuna study, which sweep.scheduler.name '{name}' does not use "
+                          "(Ray Tune samples PBT's first population at random): drop it")
+    if sw.searcher.options or sw.searcher.n_startup_trials:
+        raise ConfigError(f"sweep.searcher options are for an Optuna sampler, which sweep.scheduler.name '{name}' does "
+                          "not use (Ray Tune samples PBT's first population at random): drop them")
 
 
 def check_sampler(cfg: Config, specs: list[ParamSpec]) -> None:

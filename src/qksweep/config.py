@@ -308,10 +308,32 @@ class SearcherConfig(_Section):
 
 
 class SchedulerConfig(_Section):
-    name: Literal["asha", "none", "hyperband", "median", "moasha"] = "asha"  # moasha: several metrics
+    # moasha: several metrics; pbt / pb2: population-based training (orchestrator/pbt.py)
+    name: Literal["asha", "none", "hyperband", "median", "moasha", "pbt", "pb2"] = "asha"
     grace_period: int = Field(default=1, gt=0)
     reduction_factor: float = Field(default=3, gt=1)
     max_t: int | None = Field(default=None, gt=0)
+    # pbt / pb2 only: every perturbation_interval epochs a trial in the bottom quantile_fraction copies the
+    # checkpoint of one in the top and goes on with perturbed values (pbt: resampled from the space with
+    # resample_probability, else x0.8 / x1.2 or a neighbouring choice; pb2: a GP bandit within the space's
+    # bounds); synch: every trial waits for the others at each interval
+    perturbation_interval: int = Field(default=2, gt=0)
+    quantile_fraction: float = Field(default=0.25, gt=0, le=0.5)
+    resample_probability: float = Field(default=0.25, ge=0, le=1)
+    synch: bool = False
+
+    @property
+    def population_based(self) -> bool:
+        return self.name in ("pbt", "pb2")
+
+    @model_validator(mode="after")
+    def _pbt_keys_for_pbt(self) -> "SchedulerConfig":
+        pbt_only = ("perturbation_interval", "quantile_fraction", "resample_probability", "synch")
+        given = [k for k in pbt_only if getattr(self, k) != type(self).model_fields[k].default]  # a dump has them all
+        if given and not self.population_based:
+            raise ValueError(f"sweep.scheduler.{given[0]} is a key of population-based training: it needs "
+                             f"sweep.scheduler.name pbt or pb2, not {self.name}")
+        return self
 
 
 class StopOnConfig(_Section):
@@ -427,6 +449,12 @@ class Config(_Section):
         if self.run.launcher != "auto":
             return self.run.launcher
         return "tune" if self.run.workers == 1 else "train"
+
+    def checkpoints_kept(self) -> int | None:
+        """How many checkpoints a run keeps while it trains: ``run.keep_checkpoints``, or all of them under
+        population-based training, where another trial may copy any recent one (the sweep's end still
+        keeps each trial's best and last only)."""
+        return None if self.sweep.scheduler.population_based else self.run.keep_checkpoints
 
     def reuse_trial_actors(self) -> bool:
         """Whether Tune hands a finished trial's process to the next trial (``sweep.reuse_actors``)."""

@@ -128,10 +128,19 @@ class Session:
         return b is None or (a > b if self.mode == "max" else a < b)
 
     def trial_started(self, trial) -> None:
+        """A line when a trial starts, and when it starts again with other values (PBT copied another trial
+        and changed them); a trial that only goes on (a retry, PBT's turn-taking) gets its row back."""
+        known = trial.trial_id in self.rows
         r = self.row(trial)
         r.status = "RUNNING"
-        values = "  ".join(f"{k}={_num(v)}" for k, v in r.values.items())
-        self.line(f"trial {trial.trial_id} started" + (f": {values}" if values else ""))
+        config = getattr(trial, "config", None) or {}
+        values = {k: config[k] for k in self.searched if k in config}
+        changed, r.values = known and values != r.values, values
+        shown = "  ".join(f"{k}={_num(v)}" for k, v in values.items())
+        if not known:
+            self.line(f"trial {trial.trial_id} started" + (f": {shown}" if shown else ""))
+        elif changed:
+            self.line(f"trial {trial.trial_id} goes on from epoch {r.epoch} with {shown}")
         self.refresh(force=True)
 
     def trial_result(self, trial, result: dict[str, Any]) -> None:

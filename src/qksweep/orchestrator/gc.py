@@ -138,12 +138,18 @@ def sweep_checkpoints(tune_path: str, storage: str, sweep: str, metric: str) -> 
     from ..trainables.trial import trial_run_name
 
     found = []
+    listed: dict[str, list[str]] = {}  # the folder of trials' Train runs -> what it holds (listed once)
     for t in ExperimentAnalysis(tune_path).trials:
         trial_dir = join(tune_path, t.storage.trial_dir_name)
         reported = _reported(trial_dir, metric)
         ckpts = []
         name = trial_run_name(sweep, t.trial_id)
-        for folder in (trial_dir, join(trial_storage(storage, sweep, t.trial_id), name)):
+        under = trial_storage(storage, sweep, t.trial_id)
+        if under not in listed:
+            listed[under] = [e for e, info in _children(under) if info.type.name == "Directory"]
+        # a trial that copied another's checkpoint under PBT went on as a new Train run, name-pbt<time>
+        train_runs = [name] + sorted(e for e in listed[under] if e.startswith(f"{name}-pbt"))
+        for folder in (trial_dir, *(join(under, r) for r in train_runs)):
             for entry, info in _children(folder):
                 if not entry.startswith("checkpoint_") or info.type.name != "Directory":
                     continue

@@ -28,7 +28,9 @@ OWN_ARGUMENTS = {"seed", "search_space"}
 
 def sampler_name(cfg: Config) -> str:
     s = cfg.sweep.searcher
-    return "random" if s.name == "random" else s.sampler  # `searcher: {name: random}` is random search too
+    if s.name == "random" or cfg.sweep.scheduler.population_based:  # PBT's first population is random
+        return "random"  # `searcher: {name: random}` is random search too
+    return s.sampler
 
 
 def sampler_kwargs(cfg: Config, specs: list[ParamSpec]) -> dict[str, Any]:
@@ -252,11 +254,15 @@ def make_searcher(cfg: Config, specs: list[ParamSpec], storage: "optuna.storages
     )
 
 
-def make_scheduler(cfg: Config) -> TrialScheduler:
-    """The Tune scheduler of a config that passed :func:`qksweep.checks.check_sweep`."""
+def make_scheduler(cfg: Config, specs: list[ParamSpec] | None = None) -> TrialScheduler:
+    """The Tune scheduler of a config that passed :func:`qksweep.checks.check_sweep` (PBT needs its space)."""
     s = cfg.sweep.scheduler
     if s.name == "none":
         return FIFOScheduler()
+    if s.population_based:
+        from .pbt import make_pbt
+
+        return make_pbt(cfg, specs or [])
     max_t = s.max_t or cfg.optim.epochs
     common: dict[str, Any] = dict(time_attr="epoch", metric=cfg.sweep.metrics[0], mode=cfg.sweep.modes[0])
     if s.name == "asha":

@@ -14,7 +14,7 @@ import yaml
 from ..checks import check_reachable, check_sweep, prepare_inputs
 from ..config import DEFAULT_STORAGE, Config, ConfigError, flatten
 from ..names import REPORTED_METRICS
-from ..search_spaces import ParamSpec, expand_space
+from ..search_spaces import ParamSpec, expand_space, parse_space
 from ..tracking import runs
 from ..storage import STATE_FILE, SweepFiles, is_uri, probe, storage_root
 from ..tracking.lifecycle import TrackedRun, close_run, config_file, mask_config, open_run
@@ -61,8 +61,13 @@ def _trainable(cfg: Config, name: str, parent_run_id: str | None):
     from ..trainables.trial import trial_driver
 
     launcher = cfg.trial_launcher()
+    pbt_keys: tuple[str, ...] = ()
+    if cfg.sweep.scheduler.population_based:  # the keys PBT may change, logged each epoch as pbt/<key>
+        from .pbt import mutable
+
+        pbt_keys = tuple(s.key for s in mutable(parse_space(cfg.sweep.space)))
     fn = tune.with_parameters(trial_driver, base=cfg.to_dict(), sweep=name, parent_run_id=parent_run_id,
-                              launcher=launcher)
+                              launcher=launcher, pbt_keys=pbt_keys)
     if launcher == "tune":  # the trial trains in its own process: it holds the worker's resources
         resources = {"cpu": cfg.run.cpus_per_worker, "gpu": cfg.run.gpus_per_worker}
         return tune.with_resources(fn, {k: v for k, v in resources.items() if v})
@@ -83,7 +88,7 @@ def _tune_run_config(cfg: Config, name: str, callbacks: list, sync, stop=None) -
     return tune.RunConfig(
         name=name, storage_path=storage_root(cfg), callbacks=callbacks, sync_config=sync, verbose=0, stop=stop,
         failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures if in_trial else 1),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints, checkpoint_score_attribute=metric,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoints_kept(), checkpoint_score_attribute=metric,
                                                 checkpoint_score_order=mode) if in_trial else None)
 
 
@@ -115,7 +120,18 @@ def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: 
         from .warm_start import seed_study
 
         seed_study(study_storage, name, cfg, warm)
-    searcher = make_searcher(cfg, specs, study_storage, study_name=name)
+    space = None
+    if cfg.sweep.scheduler.population_based:  # Tune takes no searcher beside PBT: its random sampling
+        import optuna
+
+        from .pbt import make_generator, param_space
+
+        searcher, space = make_generator(cfg), param_space(specs)
+        # the study stays empty (what reads a sweep's study finds one): PBT's trials change their values
+        optuna.create_study(storage=study_storage, study_name=name, direction="maximize" if cfg.sweep.modes[0] == "max"
+                            else "minimize", load_if_exists=True)
+    else:
+        searcher = make_searcher(cfg, specs, study_storage, study_name=name)
     from ray.tune.logger import JsonLoggerCallback
 
     # each trial's result.json (one line per epoch): ResultGrid's trials table and best-epoch metrics read
@@ -131,7 +147,7 @@ def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: 
         callbacks.append(SweepTracker(cfg.tracking.uri, cfg.experiment, name, parent_run_id, epochs=cfg.optim.epochs,
                                       scheduler=cfg.sweep.scheduler.name, optuna_storage=study_storage,
                                       constraints=dict(cfg.sweep.constraints)))
-    scheduler = make_scheduler(cfg)
+    scheduler = make_scheduler(cfg, specs)
     from .budget import make_budget
 
     budget = make_budget(cfg, files)
@@ -150,7 +166,7 @@ def _build_tuner(cfg: Config, name: str, specs: list[ParamSpec], parent_run_id: 
         # after a crash starts from the last upload, so keep it recent (a few small files)
         sync = tune.SyncConfig(sync_period=30)
     return tune.Tuner(
-        _trainable(cfg, name, parent_run_id),
+        _trainable(cfg, name, parent_run_id), param_space=space,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.sweep.num_samples,
                                     max_concurrent_trials=concurrency, reuse_actors=cfg.reuse_trial_actors()),
         run_config=_tune_run_config(cfg, name, callbacks, sync, stop=budget),
@@ -162,6 +178,8 @@ def run_sweep(cfg: Config, *, name: str | None = None) -> SweepResult:
     from ..cluster.placement import reclaim_finished_jobs
 
     from .warm_start import read_warm_start
+
+    from .searcher import sampler_name
 
     specs = check_sweep(cfg)
     name = name or default_sweep_name(cfg)
@@ -188,7 +206,7 @@ def run_sweep(cfg: Config, *, name: str | None = None) -> SweepResult:
                                                       "concurrency": concurrency}, indent=1))
     files.upload()
     print(f"sweep {name}: {cfg.sweep.num_samples} trials, up to {concurrency} at a time, "
-          f"{cfg.sweep.searcher.sampler} + {cfg.sweep.scheduler.name}; storage {files.location}"
+          f"{sampler_name(cfg)} + {cfg.sweep.scheduler.name}; storage {files.location}"
           + (f"; MLflow {runs.mask_secrets(cfg.tracking.uri)}" if cfg.tracking.enabled else ""))
     if warm is not None:
         print(warm.summary())
@@ -270,6 +288,9 @@ def extend(files: SweepFiles, state: dict[str, Any], num_samples: int) -> dict[s
     count afresh: the state file no longer says it ended). Tune's search generator, which stops sampling
     at the count it was started with, is told the new count in its saved state."""
     have = check_extension(state, num_samples)
+    if state["config"]["sweep"].get("scheduler", {}).get("name") in ("pbt", "pb2"):
+        raise ConfigError(f"--num-samples: sweep {state['name']} is population-based; its population is fixed when it "
+                          "starts: start a new sweep with a larger sweep.num_samples")
     import pickle
 
     import pyarrow.fs as pafs

@@ -5,7 +5,7 @@ A training checkpoint is the core's state plus each extra's under its name, buil
 :func:`training_state` and put back by :func:`restore_training_state`, the one place that knows the
 layout: ``model`` (permanent weights), ``optimizer``, ``scheduler``, ``scaler`` (float16 only),
 ``epoch``, ``updates``, ``epochs_planned``, ``rng``, ``metrics`` (the epoch's report, replayed after a
-restart), then ``ema``, ``spectral``, ``stop_rule``, ``fr_rule``, ``prune_masks`` as the extras have them.
+restart), then ``ema``, ``spectral``, ``stop_rule``, ``fr_rule``, ``prune_masks``, ``pbt`` as the extras have them.
 """
 
 from __future__ import annotations
@@ -144,15 +144,26 @@ def training_state(core, extras, *, epoch: int, updates: int, metrics: dict[str,
     return state
 
 
+# what the config sets in each optimizer param group: a restored run trains with its config's values (a
+# PBT trial that copied another's checkpoint goes on with its perturbed lr; `continue -s optim.lr=...`)
+GROUP_HYPERPARAMETERS = ("lr", "initial_lr", "weight_decay", "momentum")
+
+
 def restore_training_state(state: dict[str, Any], core, extras) -> tuple[int, int]:
-    """Put ``state`` back into the core and its extras; returns (epochs done, updates done). A checkpoint
-    planned for another number of epochs (``qksweep continue`` with more) keeps the fresh schedule."""
+    """Put ``state`` back into the core and its extras; returns (epochs done, updates done). The state is
+    the checkpoint's (weights, optimizer moments, the extras' state, the random state); the hyperparameters
+    are the config's: the optimizer's groups keep the values the core was built with, and the lr schedule
+    is the fresh one at the restored update count (only ``plateau``, which learns from the run, is
+    restored, for a checkpoint planned for the same number of epochs)."""
     core.model.load_state_dict(state["model"])
     for e in extras:
         if e.name and e.name in state:
             e.load_state_dict(state[e.name])
+    wanted = [{k: g[k] for k in GROUP_HYPERPARAMETERS if k in g} for g in core.optimizer.param_groups]
     core.optimizer.load_state_dict(state["optimizer"])
-    if int(state.get("epochs_planned", core.cfg.optim.epochs)) == core.cfg.optim.epochs:
+    for group, values in zip(core.optimizer.param_groups, wanted):
+        group.update(values)
+    if core.cfg.optim.sched == "plateau" and int(state.get("epochs_planned", core.cfg.optim.epochs)) == core.cfg.optim.epochs:
         core.scheduler.load_state_dict(state["scheduler"])
     if "scaler" in state:
         core.scaler.load_state_dict(state["scaler"])

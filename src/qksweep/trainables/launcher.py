@@ -13,8 +13,10 @@ from ..tracking.callback import MLflowEpochLogger
 
 def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: list | None = None,
                  label: str = "", echo: bool = True, extra: dict[str, Any] | None = None,
-                 resume_from: str | None = None, storage_path: str | None = None, seed_runs: list[str] | None = None):
-    """The trainer of Train run ``run_name`` in ``storage_path`` (default ``run.storage``)."""
+                 resume_from: str | None = None, storage_path: str | None = None, seed_runs: list[str] | None = None,
+                 run_dir: str | None = None):
+    """The trainer of Train run ``run_name`` in ``storage_path`` (default ``run.storage``); its MLflow pending
+    file lives in ``run_dir`` (default the Train run's folder)."""
     import ray.train
 
     from .entry import train_loop  # imports the loop (timm, SpikingJelly) only in the worker
@@ -31,13 +33,13 @@ def make_trainer(cfg: Config, *, run_name: str, run_id: str | None, callbacks: l
 
         cbs.insert(0, MLflowEpochLogger(cfg.tracking.uri, run_id, metric=metric, mode=mode,
                                         epochs=cfg.optim.epochs, label=label, echo=echo,
-                                        run_dir=join(storage_path, run_name),
+                                        run_dir=run_dir or join(storage_path, run_name),
                                         on_last_epoch=on_last_epoch(cfg, run_id, label), seed_runs=seed_runs))
     run_config = ray.train.RunConfig(
         name=run_name,
         storage_path=storage_path,
         failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoints_kept(),
                                                      checkpoint_score_attribute=metric,
                                                      checkpoint_score_order=mode),
         callbacks=cbs,

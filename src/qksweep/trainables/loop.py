@@ -46,9 +46,9 @@ def train_loop(loop_config: dict[str, Any], session: Session | None = None) -> N
     s = session or train_session()
     repeats = int(loop_config.get("repeats") or 1)
     if repeats > 1:  # sweep.repeats: the same configuration with several seeds, side by side (repeats.py)
-        from .repeats import train_repeats
+        from .repeats import Repeats
 
-        train_repeats(loop_config, s, repeats)
+        Repeats(loop_config, s, repeats, epochs=epochs, persist=persist).run()
         return
     for _ in epochs(loop_config, s):
         pass

@@ -22,7 +22,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..names import EPOCH, LR, REPORTED_METRICS, STEP
 from .checkpoint import rng_state, set_rng_state
@@ -115,17 +115,21 @@ def combine(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 
 @dataclass
 class Repeats:
+    """``epochs(loop_config, session)`` is the loop (:func:`.loop.epochs`), ``persist(session, metrics,
+    folder, epoch=)`` how it reports an epoch with a checkpoint (:func:`.loop.persist`)."""
+
     loop_config: dict[str, Any]
     trial: Session
     k: int
+    epochs: Callable[[dict[str, Any], Session], Iterator[tuple[dict[str, Any], bool]]]
+    persist: Callable[..., None]
     seeds: list[SeedSession] = field(init=False)
 
     def __post_init__(self) -> None:
         self.seeds = [SeedSession(self.trial, i) for i in range(self.k)]
 
     def run(self) -> None:
-        from .loop import epochs, persist
-
+        epochs, persist = self.epochs, self.persist
         runs = [epochs(seed_loop_config(self.loop_config, i), s.session()) for i, s in enumerate(self.seeds)]
         states: list = [None] * self.k
         try:
@@ -150,7 +154,3 @@ class Repeats:
         finally:
             for run in runs:
                 run.close()
-
-
-def train_repeats(loop_config: dict[str, Any], session: Session, k: int) -> None:
-    Repeats(loop_config, session, k).run()

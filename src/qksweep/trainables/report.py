@@ -84,3 +84,24 @@ class LastReportGuard:
             seen = self.calls
             self.changed.wait_for(lambda: not self.busy or self.calls > seen,
                                   timeout=max(0.0, deadline - time.monotonic()))
+
+
+def tune_keeps_train_checkpoints() -> None:
+    """Population-based training on Ray Train: Tune must hold each trial's checkpoints to hand one to another
+    trial, but ``TuneReportCallback`` passes only the metrics and the checkpoint's path. This gives each
+    epoch's result, in the trial actor, the Train checkpoint at that path (not copied: it stays in the Train
+    run's folder; under PBT neither Tune nor Train deletes checkpoints before the sweep ends)."""
+    from ray.train import Checkpoint
+    from ray.train._internal.session import get_session
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+    s = get_session()
+    hand_over, fs = s._report_training_result, s.storage.storage_filesystem
+
+    def with_checkpoint(result) -> None:
+        path = result.metrics.get(CHECKPOINT_PATH_KEY)
+        if path and result.checkpoint is None:
+            result.checkpoint = Checkpoint(path, filesystem=fs)
+        hand_over(result)
+
+    s._report_training_result = with_checkpoint

@@ -23,7 +23,7 @@ from ..tracking import pending, runs
 from ..tracking.lifecycle import TrackedRun, close_run, config_file, open_run, run_params
 from .launcher import make_trainer
 from .model_log import on_last_epoch
-from .report import LastReportGuard, PublicTuneReport
+from .report import LastReportGuard, PublicTuneReport, tune_keeps_train_checkpoints
 
 
 def trial_run_name(sweep: str, trial_id: str) -> str:
@@ -38,11 +38,17 @@ def trial_tags(sweep: str, trial_id: str, parent_run_id: str | None) -> dict[str
 
 
 def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, parent_run_id: str | None,
-                 launcher: str = "train") -> None:
+                 launcher: str = "train", pbt_keys: tuple[str, ...] = ()) -> None:
     import ray.tune
+
+    from .extras.pbt import current_values
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = apply_sample(base, sample)
+    # what every launch path hands the loop besides the config: the trial (a checkpoint records who wrote
+    # it) and, under PBT, the values the scheduler may change (logged each epoch as pbt/<key>)
+    extra = {"trial_id": trial_id, "repeats": cfg.sweep.repeats,
+             "pbt_values": current_values(cfg.to_dict(), list(pbt_keys))}
     name = trial_run_name(sweep, trial_id)
     under = trial_storage(storage_root(cfg), sweep, trial_id)  # <storage>/<sweep>/trials (older sweeps: beside it)
     run: TrackedRun | None = None
@@ -64,7 +70,8 @@ def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, pa
     label = f"[{trial_id}] "
     seed_runs = _seed_runs(cfg, sweep, trial_id, run, name) if run and cfg.sweep.repeats > 1 else []
     try:
-        checkpoint = (fit_in_trial if launcher == "tune" else fit_on_train)(cfg, run, name, label, under, seed_runs)
+        checkpoint = (fit_in_trial if launcher == "tune" else fit_on_train)(cfg, run, name, label, under, seed_runs,
+                                                                           extra)
         kill_point("train_done")
     except Exception as e:
         if run:
@@ -76,19 +83,43 @@ def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, pa
                   label=label, resume_hint=f"qksweep resume {sweep}")
 
 
-def fit_on_train(cfg, run: TrackedRun | None, name: str, label: str, under: str, seed_runs: list[str]):
+def fit_on_train(cfg, run: TrackedRun | None, name: str, label: str, under: str, seed_runs: list[str],
+                 extra: dict[str, Any]):
     """The trial as a Ray Train run (folder ``under/name``); its epochs reach MLflow through the Train
     controller's callbacks."""
     report = PublicTuneReport(result_static(cfg, run))
     guard = LastReportGuard()
-    trainer = make_trainer(cfg, run_name=name, run_id=run and run.run_id, callbacks=[report], label=label,
-                           storage_path=under, extra={"repeats": cfg.sweep.repeats}, seed_runs=seed_runs)
+    if cfg.sweep.scheduler.population_based:  # PBT copies checkpoints between trials through Tune
+        tune_keeps_train_checkpoints()
+    train_name, resume_from = train_generation(name)
+    trainer = make_trainer(cfg, run_name=train_name, run_id=run and run.run_id, callbacks=[report], label=label,
+                           storage_path=under, extra=extra, seed_runs=seed_runs, resume_from=resume_from,
+                           run_dir=join(under, name))
     checkpoint = trainer.fit().checkpoint
     guard.drain()  # the last epoch reached Tune before this function returns (Ray 2.60 race, see report.py)
     return checkpoint
 
 
-def fit_in_trial(cfg, run: TrackedRun | None, name: str, label: str, under: str, seed_runs: list[str]):
+def train_generation(name: str) -> tuple[str, str | None]:
+    """The Train run a trial on Ray Train fits now, and the checkpoint it starts from when it has none of its
+    own. Train V2 resumes a run from its own latest checkpoint, found by its name: ``name`` as a rule, and
+    the run holding the checkpoint Tune restores the trial from. A trial that copied another trial's
+    checkpoint (PBT's exploit) goes on as a new Train run, ``name-pbt<time>``, from that checkpoint."""
+    import time
+
+    import ray.tune
+
+    ckpt = ray.tune.get_checkpoint()
+    if ckpt is None:
+        return name, None
+    holder = ckpt.path.rstrip("/").split("/")[-2]  # <train run>/checkpoint_...
+    if holder == name or holder.startswith(f"{name}-pbt"):
+        return holder, None
+    return f"{name}-pbt{time.strftime('%Y%m%d%H%M%S')}", ckpt.path
+
+
+def fit_in_trial(cfg, run: TrackedRun | None, name: str, label: str, under: str, seed_runs: list[str],
+                 extra: dict[str, Any]):
     """The trial in this process (Tune's function API): the epoch logger runs here, after each checkpoint
     is persisted and before Tune sees the epoch. Returns the last checkpoint."""
     import ray.tune
@@ -107,7 +138,7 @@ def fit_in_trial(cfg, run: TrackedRun | None, name: str, label: str, under: str,
     ts = TuneSession(gpus=cfg.run.gpus_per_worker, static=result_static(cfg, run), after_persist=after)
     session = ts.session()
     kill_point("train_run")
-    train_loop(loop_config(cfg, extra={"run_id": run and run.run_id, "repeats": cfg.sweep.repeats}), session=session)
+    train_loop(loop_config(cfg, extra={**extra, "run_id": run and run.run_id}), session=session)
     return ts.last_checkpoint or ray.tune.get_checkpoint()  # restored with no epoch left: the one it had
 
 

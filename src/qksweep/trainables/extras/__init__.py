@@ -25,6 +25,7 @@ from .base import Extra
 from .distill import Distillation
 from .ema import EMA
 from .lineage import DatasetInputs, SystemMetrics
+from .pbt import PBTValues
 from .progress import Progress
 from .prune import Pruning
 from .snn import FiringRateStop, SNNMeasures
@@ -48,6 +49,7 @@ def build_extras(core: Core, loop_config: dict[str, Any]) -> list[Extra]:
         DatasetInputs.build(core),
         SystemMetrics.build(core, loop_config),
         Progress.build(core, loop_config),
+        PBTValues.build(core, loop_config),
     ]
     return [e for e in extras if e is not None]
 
