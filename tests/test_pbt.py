@@ -90,7 +90,7 @@ def test_a_pbt_sweep_copies_checkpoints_logs_the_new_values_and_survives_a_kille
 
     from qksweep import api
 
-    cfg = pbt_config(workdir, synch=True)  # every trial meets the others at each epoch: copies happen
+    cfg = pbt_config(workdir)  # synch (the default): every trial meets the others at each epoch, copies happen
     cfg["sweep"]["space"] = {"optim.lr": {"loguniform": [1e-4, 3e-2]}}
     (workdir / "pbt.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}

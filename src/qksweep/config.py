@@ -316,11 +316,12 @@ class SchedulerConfig(_Section):
     # pbt / pb2 only: every perturbation_interval epochs a trial in the bottom quantile_fraction copies the
     # checkpoint of one in the top and goes on with perturbed values (pbt: resampled from the space with
     # resample_probability, else x0.8 / x1.2 or a neighbouring choice; pb2: a GP bandit within the space's
-    # bounds); synch: every trial waits for the others at each interval
+    # bounds); synch: every trial waits for the others at each interval (qksweep's default: a trial copies
+    # another only at the same epoch, which asynchronous PBT rarely finds; see orchestrator/pbt.py)
     perturbation_interval: int = Field(default=2, gt=0)
     quantile_fraction: float = Field(default=0.25, gt=0, le=0.5)
     resample_probability: float = Field(default=0.25, ge=0, le=1)
-    synch: bool = False
+    synch: bool = True
 
     @property
     def population_based(self) -> bool:
