@@ -5,10 +5,11 @@ The main job's config and space (``configs/digits_qkformer.yaml``: QKFormer head
 and lr), one local Ray, the arms one after the other:
 
 * ``asha``: the main job's sweep (TPE + ASHA, its grace period and reduction factor), run first;
-* ``pbt`` / ``pb2``: a population of ``P`` trials that all train every epoch, where ``P`` is ASHA's epochs
-  divided by the epochs per trial, rounded (so every arm trains about as many epochs as ASHA did), with
-  ``perturbation_interval`` 2 and ``quantile_fraction`` 0.25; PBT perturbs ``optim.lr`` (the one key of
-  the space a running trial can change) and samples the model keys once per trial.
+* ``pbt`` / ``pb2``: a population of ``P`` trials that all train every epoch, where ``P`` is ASHA's
+  trial-seconds divided by what one of ASHA's trials that trained every epoch cost (their mean), rounded:
+  the same compute as ASHA's, as near as whole trials allow; ``perturbation_interval`` 2,
+  ``quantile_fraction`` 0.25, ``synch`` (qksweep's default). PBT perturbs ``optim.lr`` (the one key of the
+  space a running trial can change) and samples the model keys once per trial.
 
 Figures per arm: trials, epochs, trial-seconds (Σ Tune ``time_total_s``: the trial's process start to its last
 report, pauses excluded), epoch-seconds (Σ ``epoch_time_s``), wall, best val/top1 at any epoch, copies made
@@ -49,6 +50,13 @@ def arm_config(base: dict, tmp: Path, *, arm: str, num_samples: int, epochs: int
         sw["scheduler"] = {"name": arm, "perturbation_interval": 2, "quantile_fraction": 0.25}
     cfg["sweep"] = sw
     return cfg
+
+
+def full_trial_seconds(trials: list[dict], epochs: int) -> float | None:
+    """What a trial that trained every epoch cost (mean of ASHA's such trials)."""
+    full = [t["last_result"].get("time_total_s") for t in trials if int(t["last_result"].get("epoch", 0) or 0) >= epochs]
+    full = [x for x in full if x]
+    return sum(full) / len(full) if full else None
 
 
 def summarize(trials: list[dict], wall_s: float) -> dict:
@@ -96,9 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         name = f"bench-{arm}-{stamp}"
         t = time.perf_counter()
         res = api.sweep(cfg, name=name)
-        arms[arm] = summarize(tune_trials(Path(res.storage_path)), time.perf_counter() - t)
-        if arm == "asha":  # the population that trains as many epochs as ASHA did
-            population = max(2, round(arms[arm]["epochs"] / settings["epochs"]))
+        trials = tune_trials(Path(res.storage_path))
+        arms[arm] = summarize(trials, time.perf_counter() - t)
+        if arm == "asha":  # the population that costs what ASHA's sweep did
+            full = full_trial_seconds(trials, settings["epochs"])
+            arms[arm]["full_trial_seconds"] = full
+            population = max(2, round(arms[arm]["trial_seconds"] / full)) if full else settings["num_samples"]
         else:
             arms[arm]["copies"] = copies(cfg["tracking"]["uri"], name)
         log(f"{arm}: {arms[arm]}")

@@ -52,9 +52,12 @@ def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, pa
     name = trial_run_name(sweep, trial_id)
     under = trial_storage(storage_root(cfg), sweep, trial_id)  # <storage>/<sweep>/trials (older sweeps: beside it)
     run: TrackedRun | None = None
+    seed_runs: list[str] = []
     if cfg.tracking.enabled:
         try:
             run = _trial_run(cfg, sweep, trial_id, sample, parent_run_id, name, join(under, name))
+            if cfg.sweep.repeats > 1:
+                seed_runs = _seed_runs(cfg, sweep, trial_id, run, name)
         except Exception as e:  # noqa: BLE001 - no run to log into: this trial cannot start (Tune retries it)
             raise RuntimeError(f"MLflow at {runs.mask_secrets(cfg.tracking.uri)} did not answer when the trial "
                                f"started ({runs.first_line(e)}); the trial did not train. `qksweep resume {sweep}` "
@@ -68,7 +71,6 @@ def trial_driver(sample: dict[str, Any], *, base: dict[str, Any], sweep: str, pa
                       if_running=True, label=f"[{trial_id}] ", resume_hint=f"qksweep resume {sweep}")
         return
     label = f"[{trial_id}] "
-    seed_runs = _seed_runs(cfg, sweep, trial_id, run, name) if run and cfg.sweep.repeats > 1 else []
     try:
         checkpoint = (fit_in_trial if launcher == "tune" else fit_on_train)(cfg, run, name, label, under, seed_runs,
                                                                            extra)
