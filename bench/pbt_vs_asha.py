@@ -9,7 +9,9 @@ and lr), one local Ray, the arms one after the other:
   trial-seconds divided by what one of ASHA's trials that trained every epoch cost (their mean), rounded:
   the same compute as ASHA's, as near as whole trials allow; ``perturbation_interval`` 2,
   ``quantile_fraction`` 0.25, ``synch`` (qksweep's default). PBT perturbs ``optim.lr`` (the one key of the
-  space a running trial can change) and samples the model keys once per trial.
+  space a running trial can change) and samples the model keys once per trial;
+* ``pbt-budget``: PBT with as many trials as ASHA's sweep and ``sweep.time_budget_s`` = ASHA's wall time, so
+  that both sweeps hold the same 2 slots for the same time (the budget ends PBT wherever it is).
 
 Figures per arm: trials, epochs, trial-seconds (Σ Tune ``time_total_s``: the trial's process start to its last
 report, pauses excluded), epoch-seconds (Σ ``epoch_time_s``), wall, best val/top1 at any epoch, copies made
@@ -45,9 +47,9 @@ def arm_config(base: dict, tmp: Path, *, arm: str, num_samples: int, epochs: int
     sw = dict(cfg["sweep"])
     sw["num_samples"] = num_samples
     sw["searcher"] = {**sw.get("searcher", {}), "seed": seed}
-    if arm in ("pbt", "pb2"):
+    if arm.startswith("pb"):
         sw["searcher"] = {"seed": seed}
-        sw["scheduler"] = {"name": arm, "perturbation_interval": 2, "quantile_fraction": 0.25}
+        sw["scheduler"] = {"name": arm.split("-")[0], "perturbation_interval": 2, "quantile_fraction": 0.25}
     cfg["sweep"] = sw
     return cfg
 
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--arms", default="asha,pbt,pb2", help="asha first (it sets the population size)")
+    ap.add_argument("--arms", default="asha,pbt,pb2,pbt-budget", help="asha first (it sets the population size)")
     ap.add_argument("--keep", help="keep the sweeps' storage and MLflow store in this folder")
     args = ap.parse_args(argv)
     settings = dict(QUICK if args.quick else FULL)
@@ -99,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%H%M%S")
     population = settings["num_samples"]
     for arm in [a.strip() for a in args.arms.split(",") if a.strip()]:
-        n = settings["num_samples"] if arm == "asha" else population
+        n = population if arm in ("pbt", "pb2") else settings["num_samples"]
         cfg = arm_config(base, tmp, arm=arm, seed=args.seed, **{**settings, "num_samples": n})
+        if arm == "pbt-budget":
+            cfg["sweep"]["time_budget_s"] = arms["asha"]["wall_s"]
         name = f"bench-{arm}-{stamp}"
         t = time.perf_counter()
         res = api.sweep(cfg, name=name)
@@ -128,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return x[key] / a[key] if x.get(key) and a.get(key) else None
 
     emit({"benchmark": "pbt_vs_asha", "pbt_best_minus_asha": minus("pbt"), "pb2_best_minus_asha": minus("pb2"),
+          "pbt_budget_best_minus_asha": minus("pbt-budget"), "pbt_budget_wall_ratio": ratio("pbt-budget", "wall_s"),
           "pbt_trial_seconds_ratio": ratio("pbt", "trial_seconds"), "pb2_trial_seconds_ratio": ratio("pb2", "trial_seconds"),
           "pbt_epoch_ratio": ratio("pbt", "epochs"), "population": population,
           "settings": {**settings, "seed": args.seed, "quick": args.quick, "cpus": os.cpu_count()}, "arms": arms})
