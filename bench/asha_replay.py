@@ -19,7 +19,8 @@ the epochs trained, the rungs, and ``sync_compute_ratio``: synchronous successiv
 curves (each rung keeps exactly the top ⌈n/rf⌉ of all trials), the asynchronous version's bound.
 
     python bench/asha_replay.py bench/results/2026-12-07-sweep_efficiency-random-curves.json
-    python bench/asha_replay.py R.json --trials 8      # the first 8 trials only (a smaller num_samples)
+    python bench/asha_replay.py R.json --trials 8 12   # the first 8, then 12 trials (smaller num_samples)
+    python bench/asha_replay.py R.json --more R2.json  # R2's trials after R's (the same sampler's next draws)
 
 Prints a table on stderr and one JSON object on the last line of stdout. Needs no Ray cluster (it
 imports Ray Tune's scheduler classes only).
@@ -141,7 +142,7 @@ def sync_halving(trials: list[dict[str, Any]], rungs: list[int], rf: float, metr
     sign = 1.0 if mode == "max" else -1.0
     alive = list(range(len(trials)))
     stop_at = [t["curve"][-1]["epoch"] for t in trials]
-    for m in rungs:
+    for m in (math.ceil(r) for r in rungs):  # Ray's rung at a fractional epoch decides at the next whole one
         if m >= min(stop_at[i] for i in alive):
             break
         scored = sorted(alive, key=lambda i: -sign * next(r[metric] for r in trials[i]["curve"] if r["epoch"] == m))
@@ -153,7 +154,7 @@ def sync_halving(trials: list[dict[str, Any]], rungs: list[int], rf: float, metr
 
 
 DEFAULT_GRID = [dict(grace_period=g, reduction_factor=rf, metric=m)
-                for m in (TOP1, LOSS) for g in (1, 2, 3) for rf in (3, 4)]
+                for m in (TOP1, LOSS) for g in (1, 2, 3) for rf in (3, 4, 6)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,40 +162,53 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("result", help="a bench/sweep_efficiency.py result whose random arm kept its curves")
     ap.add_argument("--config", default="digits_qkformer.yaml", help="the config under configs/ (default: the main job)")
     ap.add_argument("--concurrency", type=int, default=2)
-    ap.add_argument("--trials", type=int, help="replay the first N trials only")
+    ap.add_argument("--more", nargs="*", default=[], help="further results whose random arms' trials come after "
+                    "the first's, in order (e.g. the same sampler's next draws, recorded with sweep.enqueue)")
+    ap.add_argument("--time-scale", type=float, nargs="*", default=[], help="one factor per result (the first, then "
+                    "each --more) multiplying its times: recordings made under different load on one clock")
+    ap.add_argument("--trials", type=int, nargs="*", default=[], help="replay the first N trials only (several: one table each)")
     ap.add_argument("--max-t", type=int, nargs="*", default=[], help="also replay these max_t values")
     args = ap.parse_args(argv)
 
-    trials = load_curves(args.result)
-    if args.trials:
-        trials = trials[:args.trials]
-    epochs = trials[0]["curve"][-1]["epoch"]
+    everything = []
+    for i, path in enumerate([args.result, *args.more]):
+        scale = args.time_scale[i] if i < len(args.time_scale) else 1.0
+        for t in load_curves(path):
+            t["curve"] = [{**r, "time_total_s": r["time_total_s"] * scale} for r in t["curve"]]
+            everything.append(t)
+    epochs = everything[0]["curve"][-1]["epoch"]
     base = load_yaml(args.config)
 
     grid = [dict(s) for s in DEFAULT_GRID]
     grid += [dict(s, max_t=t) for t in args.max_t for s in DEFAULT_GRID]
     grid.append(dict(base["sweep"].get("scheduler") or {}, config=True))  # the config's own, as qksweep derives it
-    rows = []
-    for setting in grid:
-        own = setting.pop("config", False)
-        setting = {k: v for k, v in setting.items() if k != "name"}
-        sched, eff = scheduler_for(base, epochs, setting)
-        out = replay(trials, sched, concurrency=args.concurrency)
-        sync = sync_halving(trials, eff["rungs"], eff["reduction_factor"], eff["metric"], eff["mode"])
-        rows.append({"setting": "config" if own else "grid", **{k: eff[k] for k in ("metric", "grace_period",
-                     "reduction_factor", "max_t", "rungs")}, **out,
-                     "sync_compute_ratio": sync["compute_ratio"], "sync_best_gap": sync["best_gap"]})
-    log(f"{len(trials)} trials x {epochs} epochs, {args.concurrency} at a time; random arm: "
-        f"{rows[0]['full_trial_seconds']:.0f} trial-s, best {max(r['best'] + r['best_gap'] for r in rows):.4f}")
-    log(f"{'metric':9} {'grace':>5} {'rf':>3} {'max_t':>5} {'rungs':12} {'ratio':>6} {'gap':>7} {'epochs':>6} "
-        f"{'sync':>6} {'sgap':>7}  stopped at")
-    for r in rows:
-        log(f"{r['metric']:9} {r['grace_period']:5d} {r['reduction_factor']:3g} {r['max_t']:5d} "
-            f"{','.join(map(str, r['rungs'])):12} {r['compute_ratio']:6.2f} {r['best_gap']:7.4f} {r['epochs']:6d} "
-            f"{r['sync_compute_ratio']:6.2f} {r['sync_best_gap']:7.4f}  {r['stopped_at']}"
-            + ("  <- config" if r["setting"] == "config" else ""))
-    emit({"benchmark": "asha_replay", "result": str(args.result), "trials": len(trials), "epochs": epochs,
-          "concurrency": args.concurrency, "rows": rows})
+    tables = []
+    for n in args.trials or [len(everything)]:
+        trials = everything[:n]
+        rows = []
+        for setting in grid:
+            setting = dict(setting)
+            own = setting.pop("config", False)
+            setting = {k: v for k, v in setting.items() if k != "name"}
+            sched, eff = scheduler_for(base, epochs, setting)
+            out = replay(trials, sched, concurrency=args.concurrency)
+            sync = sync_halving(trials, eff["rungs"], eff["reduction_factor"], eff["metric"], eff["mode"])
+            rows.append({"setting": "config" if own else "grid", **{k: eff[k] for k in ("metric", "grace_period",
+                         "reduction_factor", "max_t", "rungs")}, **out,
+                         "sync_compute_ratio": sync["compute_ratio"], "sync_best_gap": sync["best_gap"]})
+        log(f"{len(trials)} trials x {epochs} epochs, {args.concurrency} at a time; random arm: "
+            f"{rows[0]['full_trial_seconds']:.0f} trial-s, best {max(r['best'] + r['best_gap'] for r in rows):.4f}")
+        log(f"{'metric':9} {'grace':>5} {'rf':>3} {'max_t':>5} {'rungs':12} {'ratio':>6} {'gap':>7} {'epochs':>6} "
+            f"{'sync':>6} {'sgap':>7}  stopped at")
+        for r in rows:
+            log(f"{r['metric']:9} {r['grace_period']:5d} {r['reduction_factor']:3g} {r['max_t']:5d} "
+                f"{','.join(map(str, r['rungs'])):12} {r['compute_ratio']:6.2f} {r['best_gap']:7.4f} {r['epochs']:6d} "
+                f"{r['sync_compute_ratio']:6.2f} {r['sync_best_gap']:7.4f}  {''.join(str(e) if e < 10 else '+' for e in r['stopped_at'])}"
+                + ("  <- config" if r["setting"] == "config" else ""))
+        tables.append({"trials": len(trials), "rows": rows})
+    emit({"benchmark": "asha_replay", "result": str(args.result), "more": args.more, "time_scale": args.time_scale,
+          "epochs": epochs,
+          "concurrency": args.concurrency, "tables": tables})
     return 0
 
 

@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grace-period", type=int)
     ap.add_argument("--reduction-factor", type=float)
     ap.add_argument("--metric", help="ASHA's rung metric (sweep.scheduler.metric), e.g. val/loss")
+    ap.add_argument("--n-startup-trials", type=int, help="the ASHA arm's TPE start-up count (sweep.searcher.n_startup_trials)")
     ap.add_argument("--img-size", type=int)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--config", default="digits_qkformer.yaml", help="a config under configs/ (default: the main job)")
@@ -187,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         v = getattr(args, k)
         if v is not None:
             settings[k] = v
+    if args.n_startup_trials is not None:
+        base = with_overrides(base, sweep={"searcher": {**base["sweep"].get("searcher", {}),
+                                                        "n_startup_trials": args.n_startup_trials}})
     run_arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not set(run_arms) <= {"asha", "random"} or not run_arms:
         ap.error(f"--arms: asha, random or both, not {args.arms!r}")

@@ -82,3 +82,23 @@ def test_rungs_are_rays(tmp_path):
                              (1, 2.5, 12)]:
         ray_rungs = sorted(m for m, _ in _Bracket(grace, max_t, rf, 0)._rungs if m < max_t)
         assert asha_rungs(grace, rf, max_t) == ray_rungs, (grace, rf, max_t)
+
+
+def test_grace_period_left_out_is_derived_from_the_budget(tmp_path):
+    def settings(epochs, warmup, **scheduler):
+        cfg = _cfg(tmp_path, scheduler, epochs=epochs)
+        cfg.optim.warmup_epochs = warmup
+        check_sweep(cfg)
+        st = scheduler_settings(cfg)
+        if st["rungs"]:
+            assert make_scheduler(cfg)._brackets[0]._rungs[-1][0] == st["grace_period"]  # what Ray's ASHA gets
+        return st["grace_period"], st["reduction_factor"], st["rungs"]
+
+    assert settings(12, 1) == (2, 3.0, [2, 6])            # the main job: nothing to rank after one epoch
+    assert settings(12, 0) == (2, 3.0, [2, 6])
+    assert settings(12, 3) == (4, 3.0, [4])               # nor before the warm-up has ended
+    assert settings(300, 20) == (21, 3.0, [21, 63, 189])
+    assert settings(300, 0) == (12, 3.0, [12, 36, 108])   # no earlier than max_t / rf³: three rungs at most
+    assert settings(2, 0) == (2, 3.0, [])                 # two epochs: nothing worth ranking before the end
+    assert settings(12, 1, grace_period=1, reduction_factor=4) == (1, 4.0, [1, 4])  # given values win
+    assert settings(12, 1, max_t=6) == (2, 3.0, [2])

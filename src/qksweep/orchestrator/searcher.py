@@ -283,18 +283,31 @@ def scheduler_settings(cfg: Config) -> dict[str, Any]:
     s = cfg.sweep.scheduler
     max_t = s.max_t or cfg.optim.epochs
     rf = s.reduction_factor if s.reduction_factor is not None else DEFAULT_REDUCTION_FACTOR
-    grace = s.grace_period if s.grace_period is not None else default_grace_period(max_t, rf)
+    grace = (s.grace_period if s.grace_period is not None
+             else default_grace_period(max_t, rf, cfg.optim.warmup_epochs))
     metric, mode = rung_metric(cfg) if len(cfg.sweep.metrics) == 1 or s.metric else (None, None)
     return {"name": s.name, "max_t": max_t, "grace_period": grace, "reduction_factor": rf, "metric": metric,
             "mode": mode, "rungs": asha_rungs(grace, rf, max_t) if grace <= max_t else []}
 
 
+# sweep.scheduler.reduction_factor when the config gives none: 3 (replayed on the main job's curves, 4 and 6
+# saved no more at 12-24 trials: with few trials at a rung, who arrives first decides more than 1/rf)
 DEFAULT_REDUCTION_FACTOR = 3.0
+MAX_DEFAULT_RUNGS = 3
 
 
-def default_grace_period(max_t: int, reduction_factor: float) -> int:
-    """The grace period when the config gives none."""
-    return 1
+def default_grace_period(max_t: int, reduction_factor: float, warmup_epochs: int = 0) -> int:
+    """The grace period when the config gives none: not before epoch 2, not before the first epoch after
+    the warm-up, and no earlier than ``max_t / rf**3`` (at most three rungs below ``max_t``); never past
+    ``max_t``.
+
+    Why (``bench/results/2026-12-07-asha_replay.json``): after one epoch every trial of the main job was at
+    chance (val/loss ln 10 ± 1e-4, val/top1 0.100 or 0.103), with its warm-up epoch and without one, and
+    what little differed ranked the trials backwards (Spearman -0.78 and -0.84 against their final best:
+    the wide networks, the good ones, start slower), so a rung there stops the good trials. One epoch
+    later the ranking is positive (val/loss 0.48), two epochs later strong (0.90)."""
+    floor = math.ceil(max_t / reduction_factor**MAX_DEFAULT_RUNGS)
+    return max(1, min(max_t, max(2, warmup_epochs + 1, floor)))
 
 
 def make_scheduler(cfg: Config) -> TrialScheduler:
