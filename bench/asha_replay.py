@@ -16,7 +16,10 @@ For each setting: the trial-seconds it would spend (Σ over trials of ``time_tot
 it stopped, what the benchmark sums), ``compute_ratio`` = the random arm's trial-seconds ÷ that,
 ``best_gap`` = the random arm's best val/top1 − the best val/top1 seen in the epochs the replay trains,
 the epochs trained, the rungs, and ``sync_compute_ratio``: synchronous successive halving on the same
-curves (each rung keeps exactly the top ⌈n/rf⌉ of all trials), the asynchronous version's bound.
+curves (each rung keeps exactly the top ⌈n/rf⌉ of all trials). Per table also: ``signal``, how well
+val/top1 and val/loss at epochs 1-6 rank the trials by their final best (Spearman), and
+``oracle_compute_ratio``, the most any early stopping could save with its first rung at epoch 1, 2 or 3
+(every trial but the best stopped there, the best trained to the end).
 
     python bench/asha_replay.py bench/results/2026-12-07-sweep_efficiency-random-curves.json
     python bench/asha_replay.py R.json --trials 8 12   # the first 8, then 12 trials (smaller num_samples)
@@ -153,6 +156,57 @@ def sync_halving(trials: list[dict[str, Any]], rungs: list[int], rf: float, metr
     return summarize(trials, stop_at)
 
 
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation (ties take their mean rank)."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
+    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
+    return cov / (sx * sy) if sx and sy else None
+
+
+def signal(trials: list[dict[str, Any]], epochs: tuple[int, ...] = (1, 2, 3, 4, 6)) -> dict[str, Any]:
+    """How well each early epoch ranks the trials by their final best val/top1: Spearman of val/top1 and
+    of −val/loss at that epoch (1 = the same order), and how many distinct values each takes."""
+    final = [max(r[TOP1] for r in t["curve"]) for t in trials]
+    out = {}
+    for e in epochs:
+        top1 = [t["curve"][e - 1][TOP1] for t in trials]
+        loss = [t["curve"][e - 1][LOSS] for t in trials]
+        out[str(e)] = {"spearman_top1": spearman(top1, final), "spearman_loss": spearman([-x for x in loss], final),
+                       "distinct_top1": len({round(x, 4) for x in top1}), "loss_min": min(loss), "loss_max": max(loss)}
+    return out
+
+
+def oracle(trials: list[dict[str, Any]], first_rungs: tuple[int, ...] = (1, 2, 3)) -> dict[str, float]:
+    """The most any early stopping can save with its first rung at epoch m: every trial but the best
+    stopped at m, the best trained to the end (no promotion of anything else, perfect ranking)."""
+    def cost(t, e):
+        return t["curve"][e - 1]["time_total_s"]
+
+    full = sum(cost(t, len(t["curve"])) for t in trials)
+    best = max(range(len(trials)), key=lambda i: max(r[TOP1] for r in trials[i]["curve"]))
+    out = {"best_trial_share": cost(trials[best], len(trials[best]["curve"])) / full}
+    for m in first_rungs:
+        spent = sum(cost(t, m) for i, t in enumerate(trials) if i != best) + cost(trials[best], len(trials[best]["curve"]))
+        out[f"first_rung_{m}"] = full / spent
+    return out
+
+
 DEFAULT_GRID = [dict(grace_period=g, reduction_factor=rf, metric=m)
                 for m in (TOP1, LOSS) for g in (1, 2, 3) for rf in (3, 4, 6)]
 
@@ -205,7 +259,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{','.join(map(str, r['rungs'])):12} {r['compute_ratio']:6.2f} {r['best_gap']:7.4f} {r['epochs']:6d} "
                 f"{r['sync_compute_ratio']:6.2f} {r['sync_best_gap']:7.4f}  {''.join(str(e) if e < 10 else '+' for e in r['stopped_at'])}"
                 + ("  <- config" if r["setting"] == "config" else ""))
-        tables.append({"trials": len(trials), "rows": rows})
+        sig, orc = signal(trials), oracle(trials)
+        log("rank signal (Spearman vs final best): " + "; ".join(
+            f"epoch {e}: top1 {v['spearman_top1']:.2f}, loss {v['spearman_loss']:.2f}" for e, v in sig.items()))
+        log(f"oracle ratios (perfect stopping, first rung at 1/2/3): {orc['first_rung_1']:.2f} / {orc['first_rung_2']:.2f} / "
+            f"{orc['first_rung_3']:.2f}; the best trial is {orc['best_trial_share']:.0%} of the random arm")
+        tables.append({"trials": len(trials), "signal": sig, "oracle_compute_ratio": orc, "rows": rows})
     emit({"benchmark": "asha_replay", "result": str(args.result), "more": args.more, "time_scale": args.time_scale,
           "epochs": epochs,
           "concurrency": args.concurrency, "tables": tables})

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from .conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -51,3 +53,13 @@ def test_two_at_a_time_judges_by_what_arrived_first():
 def test_synchronous_halving_keeps_the_top_of_each_full_rung():
     out = asha_replay.sync_halving(TRIALS, [1, 2], 2, "val/loss", "min")
     assert out["stopped_at"] == [2, 1, 3, 1]  # epoch 1 keeps c, a; epoch 2 keeps c
+
+
+def test_signal_and_the_oracle_bound():
+    assert asha_replay.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert asha_replay.spearman([1, 1, 1, 1], [1, 2, 3, 4]) is None  # all tied: no ranking
+    sig = asha_replay.signal(TRIALS, epochs=(1, 2))
+    assert sig["1"]["distinct_top1"] == 1 and sig["1"]["spearman_top1"] is None
+    assert sig["2"]["spearman_loss"] == pytest.approx(1.0)  # at epoch 2 the loss orders the trials as their final best does
+    orc = asha_replay.oracle(TRIALS, first_rungs=(1,))
+    assert orc["first_rung_1"] == pytest.approx(140 / (35 + 3 * 15)) and orc["best_trial_share"] == 0.25
