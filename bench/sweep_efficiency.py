@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     if not set(run_arms) <= {"asha", "random"} or not run_arms:
         ap.error(f"--arms: asha, random or both, not {args.arms!r}")
 
+    baseline = Path(args.baseline).resolve() if args.baseline else None  # read after the chdir below
+    if baseline is not None and not baseline.is_file():
+        ap.error(f"--baseline {args.baseline}: no such file")
     tmp = Path(args.keep).resolve() if args.keep else Path(tempfile.mkdtemp(prefix="qksweep-bench-sweep-"))
     tmp.mkdir(parents=True, exist_ok=True)
     os.chdir(tmp)  # MLflow puts a SQLite store's artifacts under ./mlruns of the working directory
@@ -228,10 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.keep:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    if args.baseline:
+    if baseline is not None:
         import json
 
-        earlier = json.loads(Path(args.baseline).read_text().strip().splitlines()[-1])
+        earlier = json.loads(baseline.read_text().strip().splitlines()[-1])
         for arm in ("asha", "random"):
             if arm not in arms and arm in earlier.get("arms", {}):
                 arms[arm] = {**earlier["arms"][arm], "from": str(args.baseline)}
