@@ -208,7 +208,7 @@ def oracle(trials: list[dict[str, Any]], first_rungs: tuple[int, ...] = (1, 2, 3
 
 
 DEFAULT_GRID = [dict(grace_period=g, reduction_factor=rf, metric=m)
-                for m in (TOP1, LOSS) for g in (1, 2, 3) for rf in (3, 4, 6)]
+                for m in (TOP1, LOSS) for g in (1, 2, 3) for rf in (3, 4, 6, 12)]
 
 
 def main(argv: list[str] | None = None) -> int:
