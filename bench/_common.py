@@ -248,6 +248,30 @@ def tune_trials(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def trial_curve(sweep_dir: str | Path, trial_id: str,
+                keys: tuple[str, ...] = ("val/top1", "val/loss", "epoch_time_s")) -> list[dict[str, Any]]:
+    """One trial's reports, epoch by epoch, read from the ``result.json`` Tune's JSON logger writes in
+    the trial's folder (one line per report): ``epoch``, ``time_total_s`` (trainable start, or its reset
+    when the process was reused, to this report), ``time_this_iter_s`` and ``keys``. A restored trial
+    reports an epoch again: the last report of each epoch is kept."""
+    sweep_dir = Path(sweep_dir)
+    files = [p for p in sweep_dir.glob("*/result.json") if trial_id in p.parent.name]
+    if not files:
+        return []
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for line in files[0].read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if "epoch" not in r:
+            continue
+        row = {"epoch": int(r["epoch"]), "time_total_s": r.get("time_total_s"), "time_this_iter_s": r.get("time_this_iter_s")}
+        row.update({k: r.get(k) for k in keys})
+        by_epoch[row["epoch"]] = row
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
 def checkpoint_times(run_dir: str | Path) -> list[float]:
     """Wall-clock times (epoch seconds) at which rank 0 reported a checkpoint: parsed from Ray Train's
     default checkpoint folder names ``checkpoint_%Y-%m-%d_%H-%M-%S.%f`` (the storage context names the

@@ -54,7 +54,10 @@ def base_config(tmp: Path, *, num_samples: int, epochs: int, img_size: int) -> d
     cfg = with_overrides(load_yaml(CONFIGS / "digits_qkformer.yaml"), optim={"epochs": epochs},
                          data={"img_size": img_size}, spectral={"enabled": False},
                          run={"storage": str(tmp / "results")}, tracking={"uri": f"sqlite:///{tmp / 'mlflow.db'}"})
-    cfg["sweep"] = {**cfg["sweep"], "num_samples": num_samples, "max_concurrent": CONCURRENT}
+    # every arm stops trials the same way: ASHA on val/top1 at grace 2, rf 3 (the main job ranks on val/loss
+    # and derives grace and rf; the Optuna pruner and raw Ray Tune arms take these two numbers)
+    cfg["sweep"] = {**cfg["sweep"], "num_samples": num_samples, "max_concurrent": CONCURRENT,
+                    "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 3}}
     return cfg
 
 

@@ -149,3 +149,17 @@ def test_a_line_is_told_by_who_wrote_it_even_after_a_librarys_partial_write():
     viaray["emit"]("released placement group 1234abcd\n")
     assert got == [("\r 40%|####", "library"), ("sweep waiting: no trial has made progress for 11 s", "qksweep"),
                    ("done", "library"), ("released placement group 1234abcd", "qksweep")]
+
+
+def test_a_stop_on_the_rung_metric_names_it_and_its_value(tmp_path):
+    out = io.StringIO()
+    s = Session("s1", num_samples=2, epochs=12, metric="val/top1", mode="max", searched=["optim.lr"],
+                scheduler="asha", reduction_factor=3, log_path=tmp_path / "sweep.log", out=out, tty=False,
+                show_all=False, rung_metric="val/loss")
+    a = trial("a1")
+    s.trial_result(a, {"epoch": 2, "val/loss": 2.2903, "val/top1": 0.1142})
+    a.last_result = {"epoch": 2, "val/loss": 2.2903, "val/top1": 0.1142}
+    s.trial_complete(a)
+    s.stop()
+    assert out.getvalue().splitlines()[-1] == ("trial a1 stopped by asha at epoch 2/12: not in the best 1/3 of its rung "
+                                               "by val/loss (val/loss 2.2903, val/top1 0.1142)")

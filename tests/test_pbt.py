@@ -57,7 +57,7 @@ def test_explored_values_stay_in_the_space_and_only_mutable_keys_are_perturbed(t
         {"optim.lr": 0.01, "optim.smoothing": pytest.approx(0.15), "model.num_heads": 2}
     cfg = load_config(pbt_config(tmp_path, name="pb2") | {"sweep": {**pbt_config(tmp_path)["sweep"],
                                                                    "scheduler": {"name": "pb2"}}})
-    sched = make_pbt(cfg, specs)
+    sched = make_pbt(cfg, specs, "val/loss", "min")
     assert set(sched._hyperparam_bounds) == {"optim.lr", "optim.smoothing"} and sched.last_epoch == 4
 
 

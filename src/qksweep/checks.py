@@ -389,8 +389,9 @@ def check_search_algorithms(cfg: Config) -> None:
             raise ConfigError(f"sweep.scheduler.name '{s.name}' stops trials on one metric; with several sweep.metric "
                               "entries use moasha (multi-objective ASHA) or none")
         max_t = s.max_t or cfg.optim.epochs
-        if s.grace_period > max_t:
+        if s.grace_period is not None and s.grace_period > max_t:
             raise ConfigError(f"sweep.scheduler.grace_period={s.grace_period} exceeds max_t={max_t} (optim.epochs): lower it")
+    check_rung_metric(cfg)
     sampler = cfg.sweep.searcher.sampler
     if multi and sampler not in SINGLE_AND_MULTI_OBJECTIVE:
         raise ConfigError(f"sweep.searcher.sampler '{sampler}' is single-objective; use tpe or nsga2 with several metrics")
@@ -427,6 +428,32 @@ def check_pbt(cfg: Config) -> None:
     if sw.searcher.options or sw.searcher.n_startup_trials:
         raise ConfigError(f"sweep.searcher options are for an Optuna sampler, which sweep.scheduler.name '{name}' does "
                           "not use (Ray Tune samples PBT's first population at random): drop them")
+
+
+def check_rung_metric(cfg: Config) -> None:
+    """``sweep.scheduler.metric`` / ``mode``: a reported metric (what it needs switched on), with a known
+    direction or a mode, for a scheduler that ranks on one metric."""
+    from .names import METRIC_MODES
+
+    s = cfg.sweep.scheduler
+    if s.metric is None:
+        if s.mode is not None:
+            raise ConfigError(f"sweep.scheduler.mode={s.mode} without sweep.scheduler.metric: the scheduler ranks on "
+                              "sweep.metric in sweep.mode; give the metric it should rank on, or remove the mode")
+        return
+    if s.name in ("none", "moasha"):
+        what = "nothing ranks trials" if s.name == "none" else "moasha ranks on the sweep.metric list"
+        raise ConfigError(f"sweep.scheduler.metric is set but sweep.scheduler.name is {s.name} ({what}): remove it")
+    if s.metric not in REPORTED_METRICS:
+        raise ConfigError(f"sweep.scheduler.metric '{s.metric}' is never reported by the training loop; choose one of "
+                          f"{', '.join(m for m in REPORTED_METRICS if '/' in m)}{suggest(s.metric, list(REPORTED_METRICS))}")
+    if s.metric.startswith("val_ema/") and not cfg.optim.ema:
+        raise ConfigError(f"sweep.scheduler.metric '{s.metric}' needs optim.ema: true")
+    if s.metric.startswith("snn/") and not cfg.snn.enabled:
+        raise ConfigError(f"sweep.scheduler.metric '{s.metric}' needs snn.enabled: true")
+    if s.mode is None and s.metric not in cfg.sweep.metrics and s.metric not in METRIC_MODES:
+        raise ConfigError(f"sweep.scheduler.metric '{s.metric}' has no known direction: give sweep.scheduler.mode "
+                          "(max or min)")
 
 
 def check_sampler(cfg: Config, specs: list[ParamSpec]) -> None:

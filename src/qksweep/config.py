@@ -310,9 +310,17 @@ class SearcherConfig(_Section):
 class SchedulerConfig(_Section):
     # moasha: several metrics; pbt / pb2: population-based training (orchestrator/pbt.py)
     name: Literal["asha", "none", "hyperband", "median", "moasha", "pbt", "pb2"] = "asha"
-    grace_period: int = Field(default=1, gt=0)
-    reduction_factor: float = Field(default=3, gt=1)
+    # ASHA's rungs are grace_period · reduction_factor^k epochs below max_t (null: optim.epochs); a
+    # grace_period or reduction_factor left null is derived from max_t (orchestrator/searcher.py,
+    # scheduler_settings)
+    grace_period: int | None = Field(default=None, gt=0)
+    reduction_factor: float | None = Field(default=None, gt=1)
     max_t: int | None = Field(default=None, gt=0)
+    # what trials are ranked on at a rung (asha, hyperband, median): null is sweep.metric; e.g. val/loss,
+    # which tells trials apart while their top-1 is still at chance. mode null: sweep.mode for
+    # sweep.metric, else the metric's own direction (min for a loss, max for a top-1)
+    metric: str | None = None
+    mode: Literal["max", "min"] | None = None
     # pbt / pb2 only: every perturbation_interval epochs a trial in the bottom quantile_fraction copies the
     # checkpoint of one in the top and goes on with perturbed values (pbt: resampled from the space with
     # resample_probability, else x0.8 / x1.2 or a neighbouring choice; pb2: a GP bandit within the space's

@@ -21,6 +21,10 @@ MLFLOW_RUN_ID = "mlflow_run_id"
 # every epoch's metrics a sweep may rank or stop on (per-layer and spectral families aside)
 REPORTED_METRICS = (EPOCH, STEP, TRAIN_LOSS, TRAIN_TOP1, VAL_LOSS, VAL_TOP1, VAL_TOP5, LR, SAMPLES_PER_S, EPOCH_TIME_S,
                     VAL_EMA_LOSS, VAL_EMA_TOP1, VAL_EMA_TOP5, SNN_ENERGY_MJ, SNN_SOPS, SNN_FIRING_RATE)
+# the direction in which each metric is better (a scheduler ranking on it needs no mode)
+METRIC_MODES = {TRAIN_LOSS: "min", TRAIN_TOP1: "max", VAL_LOSS: "min", VAL_TOP1: "max", VAL_TOP5: "max",
+                VAL_EMA_LOSS: "min", VAL_EMA_TOP1: "max", VAL_EMA_TOP5: "max", SAMPLES_PER_S: "max",
+                EPOCH_TIME_S: "min", SNN_ENERGY_MJ: "min", SNN_SOPS: "min"}
 # what the one-line console report of an epoch shows, in order
 CONSOLE_METRICS = (TRAIN_LOSS, TRAIN_TOP1, VAL_LOSS, VAL_TOP1, VAL_TOP5, LR, SAMPLES_PER_S)
 # the learning-curve plot's panels: (title, metrics)

@@ -68,9 +68,10 @@ class Session:
 
     def __init__(self, name: str, *, num_samples: int, epochs: int, metric: str, mode: str, searched: list[str],
                  scheduler: str, reduction_factor: float | None, log_path: Path, out=None, tty: bool | None = None,
-                 show_all: bool | None = None):
+                 show_all: bool | None = None, rung_metric: str | None = None):
         self.name, self.num_samples, self.epochs = name, num_samples, epochs
         self.metric, self.mode, self.searched = metric, mode, searched
+        self.rung_metric = rung_metric or metric  # what the scheduler ranks on at a rung (sweep.scheduler.metric)
         self.scheduler, self.reduction_factor = scheduler, reduction_factor
         self.out = out or sys.stdout
         self.err = sys.stderr if out is None else out
@@ -171,8 +172,11 @@ class Session:
             self.line(f"trial {trial.trial_id} stopped by {rule} at epoch {epoch}/{self.epochs} ({value})")
         elif epoch < self.epochs:
             r.status, r.note = "STOPPED", self.scheduler
-            why = (f"not in the best 1/{self.reduction_factor:g} of its rung by {self.metric}"
+            why = (f"not in the best 1/{self.reduction_factor:g} of its rung by {self.rung_metric}"
                    if self.reduction_factor else f"the {self.scheduler} scheduler ended it")
+            ranked = last.get(self.rung_metric)
+            if self.rung_metric != self.metric and isinstance(ranked, (int, float)):
+                value = f"{self.rung_metric} {ranked:.4f}, {value}"
             self.line(f"trial {trial.trial_id} stopped by {self.scheduler} at epoch {epoch}/{self.epochs}: {why} ({value})")
         else:
             r.status = "FINISHED"
@@ -316,11 +320,13 @@ def session(cfg, name: str, folder: Path, searched: list[str]):
     """The console of sweep ``name`` while the block runs (see the module's docstring)."""
     global ACTIVE
 
-    sch = cfg.sweep.scheduler
-    rf = getattr(sch, "reduction_factor", None) if sch.name in ("asha", "moasha") else None
+    from .searcher import scheduler_settings
+
+    sch = scheduler_settings(cfg)
+    rf = sch["reduction_factor"] if sch["name"] in ("asha", "moasha") else None
     s = Session(name, num_samples=cfg.sweep.num_samples, epochs=cfg.optim.epochs, metric=cfg.sweep.metrics[0],
-                mode=cfg.sweep.modes[0], searched=searched, scheduler=sch.name, reduction_factor=rf,
-                log_path=Path(folder) / LOG_FILE)
+                mode=cfg.sweep.modes[0], searched=searched, scheduler=sch["name"], reduction_factor=rf,
+                log_path=Path(folder) / LOG_FILE, rung_metric=sch["metric"] if sch["name"] != "moasha" else None)
     qk = logging.getLogger("qksweep")
     mine = _ConsoleHandler(s)
     propagate = qk.propagate

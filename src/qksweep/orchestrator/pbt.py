@@ -132,10 +132,11 @@ class PB2(SameEpoch, ResumableSynch, RayPB2):
     pass
 
 
-def make_pbt(cfg: Config, specs: list[ParamSpec]):
-    """The scheduler of a config that passed :func:`qksweep.checks.check_pbt`."""
+def make_pbt(cfg: Config, specs: list[ParamSpec], metric: str, mode: str):
+    """The scheduler of a config that passed :func:`qksweep.checks.check_pbt`, ranking trials on ``metric``
+    (``searcher.rung_metric``: sweep.scheduler.metric, else sweep.metric)."""
     s = cfg.sweep.scheduler
-    common: dict[str, Any] = dict(time_attr="epoch", metric=cfg.sweep.metrics[0], mode=cfg.sweep.modes[0],
+    common: dict[str, Any] = dict(time_attr="epoch", metric=metric, mode=mode,
                                   perturbation_interval=s.perturbation_interval, quantile_fraction=s.quantile_fraction,
                                   synch=s.synch, require_attrs=True, log_config=False)
     if s.name == "pb2":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import optuna
@@ -11,7 +12,7 @@ from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, HyperBandSchedule
 from ray.tune.search.optuna import OptunaSearch
 
 from ..config import Bound, Config
-from ..names import MLFLOW_RUN_ID
+from ..names import METRIC_MODES, MLFLOW_RUN_ID
 from ..search_spaces import ParamSpec, make_define_by_run
 
 log = logging.getLogger("qksweep.searcher")
@@ -254,6 +255,63 @@ def make_searcher(cfg: Config, specs: list[ParamSpec], storage: "optuna.storages
     )
 
 
+def rung_metric(cfg: Config) -> tuple[str, str]:
+    """The metric and mode a one-metric scheduler ranks trials on: ``sweep.scheduler.metric`` (mode as
+    given, else sweep.mode for sweep.metric, else the metric's own direction), or sweep.metric's first."""
+    s = cfg.sweep.scheduler
+    metric = s.metric or cfg.sweep.metrics[0]
+    if s.mode:
+        return metric, s.mode
+    if metric in cfg.sweep.metrics:
+        return metric, cfg.sweep.modes[cfg.sweep.metrics.index(metric)]
+    mode = METRIC_MODES.get(metric)
+    if mode is None:  # checks.check_search_algorithms refuses this before a scheduler is built
+        raise ValueError(f"sweep.scheduler.metric '{metric}' has no known direction: give sweep.scheduler.mode")
+    return metric, mode
+
+
+def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[float]:
+    """The epochs at which Ray's ASHA decides (its ``_Bracket`` milestones ``grace · rf^k``), ascending,
+    below ``max_t`` (a trial reaching ``max_t`` stops there anyway)."""
+    n = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
+    rungs = (grace_period * reduction_factor**k for k in range(n))
+    return [int(m) if float(m).is_integer() else m for m in rungs if m < max_t]
+
+
+def scheduler_settings(cfg: Config) -> dict[str, Any]:
+    """How ``sweep.scheduler`` is built: ``max_t`` (default optim.epochs), ``grace_period`` and
+    ``reduction_factor`` (derived from ``max_t`` where the config leaves them out), the rung ``metric``
+    and ``mode``, and ASHA's ``rungs``."""
+    s = cfg.sweep.scheduler
+    max_t = s.max_t or cfg.optim.epochs
+    rf = s.reduction_factor if s.reduction_factor is not None else DEFAULT_REDUCTION_FACTOR
+    grace = (s.grace_period if s.grace_period is not None
+             else default_grace_period(max_t, rf, cfg.optim.warmup_epochs))
+    metric, mode = rung_metric(cfg) if len(cfg.sweep.metrics) == 1 or s.metric else (None, None)
+    return {"name": s.name, "max_t": max_t, "grace_period": grace, "reduction_factor": rf, "metric": metric,
+            "mode": mode, "rungs": asha_rungs(grace, rf, max_t) if grace <= max_t else []}
+
+
+# sweep.scheduler.reduction_factor when the config gives none: 3 (replayed on the main job's curves, 4 and 6
+# saved no more at 12-24 trials: with few trials at a rung, who arrives first decides more than 1/rf)
+DEFAULT_REDUCTION_FACTOR = 3.0
+MAX_DEFAULT_RUNGS = 3
+
+
+def default_grace_period(max_t: int, reduction_factor: float, warmup_epochs: int = 0) -> int:
+    """The grace period when the config gives none: not before epoch 2, not before the first epoch after
+    the warm-up, and no earlier than ``max_t / rf**3`` (at most three rungs below ``max_t``); never past
+    ``max_t``.
+
+    Why (``bench/results/2026-12-07-asha_replay.json``): after one epoch every trial of the main job was at
+    chance (val/loss ln 10 ± 1e-4, val/top1 0.100 or 0.103), with its warm-up epoch and without one, and
+    what little differed ranked the trials backwards (Spearman -0.78 and -0.84 against their final best:
+    the wide networks, the good ones, start slower), so a rung there stops the good trials. One epoch
+    later the ranking is positive (val/loss 0.48), two epochs later strong (0.90)."""
+    floor = math.ceil(max_t / reduction_factor**MAX_DEFAULT_RUNGS)
+    return max(1, min(max_t, max(2, warmup_epochs + 1, floor)))
+
+
 def make_scheduler(cfg: Config, specs: list[ParamSpec] | None = None) -> TrialScheduler:
     """The Tune scheduler of a config that passed :func:`qksweep.checks.check_sweep` (PBT needs its space)."""
     s = cfg.sweep.scheduler
@@ -262,19 +320,19 @@ def make_scheduler(cfg: Config, specs: list[ParamSpec] | None = None) -> TrialSc
     if s.population_based:
         from .pbt import make_pbt
 
-        return make_pbt(cfg, specs or [])
-    max_t = s.max_t or cfg.optim.epochs
-    common: dict[str, Any] = dict(time_attr="epoch", metric=cfg.sweep.metrics[0], mode=cfg.sweep.modes[0])
-    if s.name == "asha":
-        return ASHAScheduler(max_t=max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor, **common)
-    if s.name == "hyperband":
-        return HyperBandScheduler(max_t=max_t, reduction_factor=s.reduction_factor, **common)
+        return make_pbt(cfg, specs or [], *rung_metric(cfg))
+    st = scheduler_settings(cfg)
+    max_t, grace, rf = st["max_t"], st["grace_period"], st["reduction_factor"]
     if s.name == "moasha":
         from .moasha import MOASHAScheduler
 
         return MOASHAScheduler(metrics=cfg.sweep.metrics, modes=cfg.sweep.modes, max_t=max_t,
-                               grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+                               grace_period=grace, reduction_factor=rf)
+    common: dict[str, Any] = dict(time_attr="epoch", metric=st["metric"], mode=st["mode"])
+    if s.name == "asha":
+        return ASHAScheduler(max_t=max_t, grace_period=grace, reduction_factor=rf, **common)
+    if s.name == "hyperband":
+        return HyperBandScheduler(max_t=max_t, reduction_factor=rf, **common)
     if s.name == "median":
-        return MedianStoppingRule(grace_period=s.grace_period, min_samples_required=3, **common)
+        return MedianStoppingRule(grace_period=grace, min_samples_required=3, **common)
     raise AssertionError(s.name)
-
