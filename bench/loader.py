@@ -33,8 +33,8 @@ all the CPUs, leaving one core to the consuming process, whose torch ops run on 
 threads (at least 1; timm's prefetcher normalises and erases there, and with torch's default of one
 thread per core it would take CPU from the workers).
 
-    python bench/loader.py --quick      # 640 images, 5 repeats, about 1-2 min on 2 CPUs
-    python bench/loader.py              # 1280 images, 7 repeats
+    python bench/loader.py --quick      # 768 images, 7 repeats, about 1 min on 2 CPUs
+    python bench/loader.py              # 1536 images, 9 repeats
 """
 
 from __future__ import annotations
@@ -160,9 +160,9 @@ class Arm:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="640 images, 5 repeats")
-    ap.add_argument("--images", type=int, help="train images (default 640 quick, 1280 full)")
-    ap.add_argument("--repeats", type=int, help="timed epochs per loader (default 5 quick, 7 full)")
+    ap.add_argument("--quick", action="store_true", help="768 images, 7 repeats")
+    ap.add_argument("--images", type=int, help="train images (default 768 quick, 1536 full)")
+    ap.add_argument("--repeats", type=int, help="timed epochs per loader (default 7 quick, 9 full)")
     ap.add_argument("--workers", type=int, help="loader workers (default: CPUs - 1, at least 1)")
     ap.add_argument("--classes", type=int, default=4)
     ap.add_argument("--no-prefetcher-arm", action="store_true",
@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", help="write the image folder here and keep it")
     args = ap.parse_args(argv)
 
-    images = args.images or (640 if args.quick else 1280)
-    repeats = args.repeats or (5 if args.quick else 7)
+    images = args.images or (768 if args.quick else 1536)
+    repeats = args.repeats or (7 if args.quick else 9)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = args.workers or max(1, cpus - 1)
     tmp = Path(args.keep).resolve() if args.keep else Path(tempfile.mkdtemp(prefix="qksweep-bench-loader-"))

@@ -21,12 +21,15 @@ alternating, and every figure is a median.
   checkpoint, report, SNN metering and everything else between epochs is included.
 * ``sweep_overhead_ratio``: the steady-state samples/s inside a one-trial ``qksweep.api.sweep``
   (scheduler none, MLflow on, spectra at the config's settings) ÷ the same bare loop.
-* ``trial_startup_s``: from Tune setting the trial RUNNING (``start_time`` in Tune's experiment state)
+* ``trial_startup_s``: in the one-trial sweep above, at the default launcher (one worker: the trial
+  trains in its own Tune process, ``run.launcher: auto`` → ``tune``; ``details.trial_launcher`` says
+  which ran), from Tune setting the trial RUNNING (``start_time`` in Tune's experiment state)
   to the end of the trial's first optimizer step. The first step's time is derived: rank 0's first
   report time (checkpoint folder stamp) − epoch 1's ``epoch_time_s`` + one step (epoch 1's train time
   ÷ its updates); it over-states the true figure by the few milliseconds between the loop's last
   validation batch and ``report``. ``trial_startup_breakdown`` splits it at the trial's MLflow run
-  creation (the trial driver is running) and adds the time from the ``api.sweep`` call.
+  creation (the trial's process is running and has imported qksweep) and adds the time from the
+  ``api.sweep`` call.
 * ``report_latency_s``: how long one ``ray.train.report`` blocks the loop, measured inside a tiny
   ``TorchTrainer`` function (1 worker, 1 CPU) that times its own report calls, with a checkpoint of
   the real checkpoint's size and without, for reports back to back and spaced by 0.5 s and 3 s of
@@ -390,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep_cfg = with_overrides(base, **common)
     sweep_cfg["sweep"] = {**sweep_cfg["sweep"], "num_samples": 1, "scheduler": {"name": "none"},
                           "space": {"optim.lr": {"choice": [base["optim"]["lr"]]}}}
+    launcher = api.resolve(sweep_cfg).trial_launcher()
     t_call = time.time()
     sres = api.sweep(sweep_cfg, name=f"bench-sweep-{time.strftime('%H%M%S')}")
     trial = tune_trials(Path(sres.storage_path))[0]
@@ -451,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_between_epochs_s": ray_per - ray_ept,
             "sweep_samples_per_s": sweep_sps, "sweep_epoch_period_s": sweep_per,
             "train_startup_s": median(train_starts),
+            "trial_launcher": launcher,
             "ray_init_s": ray_init_s,
             "trial_startup_breakdown": {
                 "sweep_call_to_trial_running_s": (tstart - t_call) if tstart else None,
