@@ -25,8 +25,11 @@ alternating, and every figure is a median.
   trains in its own Tune process, ``run.launcher: auto`` → ``tune``; ``details.trial_launcher`` says
   which ran), from Tune setting the trial RUNNING (``start_time`` in Tune's experiment state)
   to the end of the trial's first optimizer step. The first step's time is derived: rank 0's first
-  report time (checkpoint folder stamp) − epoch 1's ``epoch_time_s`` + one step (epoch 1's train time
-  ÷ its updates); it over-states the true figure by the few milliseconds between the loop's last
+  report time − epoch 1's ``epoch_time_s`` + one step (epoch 1's train time ÷ its updates). The report
+  time is epoch 1's MLflow metric timestamp here (the sweep's end-of-run clean-up deletes all but each
+  trial's best and last checkpoint folders, whose stamps ``qksweep train`` uses; see
+  ``train_history``; from that clean-up (afb369d, 2026-12-04) until 2026-12-07 this read the last
+  kept folder and gave a start-up that ended after the trial had). It over-states the true figure by the few milliseconds between the loop's last
   validation batch and ``report``. ``trial_startup_breakdown`` splits it at the trial's MLflow run
   creation (the trial's process is running and has imported qksweep) and adds the time from the
   ``api.sweep`` call.
@@ -233,9 +236,19 @@ def mlflow_logging(cfg_dict: dict, tmp: Path, epochs: int) -> dict:
 
 
 def train_history(uri: str, run_id: str, storage_dir: Path) -> dict:
+    """Per-epoch samples/s, epoch time and report time. The report times are the checkpoint folders'
+    stamps while every epoch's checkpoint is there (``qksweep train`` keeps them all here); a sweep
+    keeps only each trial's best and last once it ends, and then they are the MLflow timestamps of
+    the epochs' metrics, which a trial in its own process (the default launcher) logs as each report
+    persists (within a millisecond of the folder's stamp; on Ray Train the controller logs them, up
+    to a health-check interval later)."""
     sps = [v for _, v, _ in metric_history(uri, run_id, "samples_per_s")]
-    ept = [v for _, v, _ in metric_history(uri, run_id, "epoch_time_s")]
-    return {"samples_per_s": sps, "epoch_time_s": ept, "report_times": checkpoint_times(storage_dir)}
+    ept_hist = metric_history(uri, run_id, "epoch_time_s")
+    ept = [v for _, v, _ in ept_hist]
+    times, source = checkpoint_times(storage_dir), "checkpoint_folders"
+    if len(times) < len(ept):
+        times, source = [ts / 1000 for _, _, ts in ept_hist], "mlflow_metric_timestamps"
+    return {"samples_per_s": sps, "epoch_time_s": ept, "report_times": times, "report_times_source": source}
 
 
 def steady(xs: list[float]) -> list[float]:

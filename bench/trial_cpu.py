@@ -160,8 +160,10 @@ class Sampler(threading.Thread):
             if into_start:
                 self.start_cpu[key] = cpu
             prev = self.last.get(key)
-            if prev and title == "ray::IDLE" and prev[0] != "ray::IDLE":
-                title = prev[0]  # a reused trial process between trials keeps its trial title
+            if prev and title in ("ray::IDLE", "?") and prev[0] != "ray::IDLE":
+                # a reused trial process between trials keeps its trial title, an exiting one (its
+                # command line gone) the title it had
+                title = prev[0]
             self.last[key] = (title, cpu)
         self.samples += 1
 
