@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             row = a.epoch_pass()
             a.rows.append(row)
             log(f"repeat {r + 1}/{repeats} {a.name}: {row['img_s']:.1f} img/s "
-                f"(worker CPU {1000 * row['worker_cpu_s_per_img']:.1f} ms/img, main {1000 * row['main_cpu_s_per_img']:.1f})")
+                f"(worker CPU {1000 * row['worker_cpu_s_per_img']:.1f} ms/img, "
+                f"main {1000 * row['main_cpu_s_per_img']:.1f})")
     if not args.keep:
         shutil.rmtree(tmp, ignore_errors=True)
 

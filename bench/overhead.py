@@ -29,10 +29,10 @@ alternating, and every figure is a median.
   time is epoch 1's MLflow metric timestamp here (the sweep's end-of-run clean-up deletes all but each
   trial's best and last checkpoint folders, whose stamps ``qksweep train`` uses; see
   ``train_history``; from that clean-up (afb369d, 2026-12-04) until 2026-12-07 this read the last
-  kept folder and gave a start-up that ended after the trial had). It over-states the true figure by the few milliseconds between the loop's last
-  validation batch and ``report``. ``trial_startup_breakdown`` splits it at the trial's MLflow run
-  creation (the trial's process is running and has imported qksweep) and adds the time from the
-  ``api.sweep`` call.
+  kept folder and gave a start-up that ended after the trial had). It over-states the true figure
+  by the few milliseconds between the loop's last validation batch and ``report``.
+  ``trial_startup_breakdown`` splits it at the trial's MLflow run creation (the trial's process is
+  running and has imported qksweep) and adds the time from the ``api.sweep`` call.
 * ``report_latency_s``: how long one ``ray.train.report`` blocks the loop, measured inside a tiny
   ``TorchTrainer`` function (1 worker, 1 CPU) that times its own report calls, with a checkpoint of
   the real checkpoint's size and without, for reports back to back and spaced by 0.5 s and 3 s of

@@ -16,8 +16,9 @@ Ray's processes (the raylet, the GCS, the trial processes it starts) are not chi
    both epochs, so each does the same work), as many at a time as Ray has CPUs.
 
 ``tiny_trial_cpu_s`` = (busy CPU seconds during the ``api.sweep`` call − idle rate × its wall time) ÷
-trials. Goal <= 8. The idle rate is the median of 1-second slices of the baseline. The sweep's fixed costs (Tune's controller in this process, the parent MLflow run,
-starting the trial processes, Optuna) are spread over the trials; Ray's start is not.
+trials. Goal <= 8. The idle rate is the median of 1-second slices of the baseline. The sweep's fixed
+costs (Tune's controller in this process, the parent MLflow run, starting the trial processes,
+Optuna) are spread over the trials; Ray's start is not.
 
 Per process (``details.by_process``): this process and every process under it (Ray's daemons and
 workers are its descendants when it starts Ray) are sampled with psutil every ``--sample-s`` seconds;
@@ -261,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
 
     slices = idle_rates(base_s)
     rate0 = median(slices)
-    log(f"idle: {rate0:.3f} busy CPU-s per s (median of {len(slices)} 1-s slices; mean {sum(slices) / len(slices):.3f})")
+    log(f"idle: {rate0:.3f} busy CPU-s per s (median of {len(slices)} 1-s slices; "
+        f"mean {sum(slices) / len(slices):.3f})")
 
     b0, t0 = busy_s(), time.perf_counter()
     ensure_ray()
