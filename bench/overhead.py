@@ -21,12 +21,18 @@ alternating, and every figure is a median.
   checkpoint, report, SNN metering and everything else between epochs is included.
 * ``sweep_overhead_ratio``: the steady-state samples/s inside a one-trial ``qksweep.api.sweep``
   (scheduler none, MLflow on, spectra at the config's settings) ÷ the same bare loop.
-* ``trial_startup_s``: from Tune setting the trial RUNNING (``start_time`` in Tune's experiment state)
+* ``trial_startup_s``: in the one-trial sweep above, at the default launcher (one worker: the trial
+  trains in its own Tune process, ``run.launcher: auto`` → ``tune``; ``details.trial_launcher`` says
+  which ran), from Tune setting the trial RUNNING (``start_time`` in Tune's experiment state)
   to the end of the trial's first optimizer step. The first step's time is derived: rank 0's first
-  report time (checkpoint folder stamp) − epoch 1's ``epoch_time_s`` + one step (epoch 1's train time
-  ÷ its updates); it over-states the true figure by the few milliseconds between the loop's last
-  validation batch and ``report``. ``trial_startup_breakdown`` splits it at the trial's MLflow run
-  creation (the trial driver is running) and adds the time from the ``api.sweep`` call.
+  report time − epoch 1's ``epoch_time_s`` + one step (epoch 1's train time ÷ its updates). The report
+  time is epoch 1's MLflow metric timestamp here (the sweep's end-of-run clean-up deletes all but each
+  trial's best and last checkpoint folders, whose stamps ``qksweep train`` uses; see
+  ``train_history``; from that clean-up (afb369d, 2026-12-04) until 2026-12-07 this read the last
+  kept folder and gave a start-up that ended after the trial had). It over-states the true figure
+  by the few milliseconds between the loop's last validation batch and ``report``.
+  ``trial_startup_breakdown`` splits it at the trial's MLflow run creation (the trial's process is
+  running and has imported qksweep) and adds the time from the ``api.sweep`` call.
 * ``report_latency_s``: how long one ``ray.train.report`` blocks the loop, measured inside a tiny
   ``TorchTrainer`` function (1 worker, 1 CPU) that times its own report calls, with a checkpoint of
   the real checkpoint's size and without, for reports back to back and spaced by 0.5 s and 3 s of
@@ -230,9 +236,19 @@ def mlflow_logging(cfg_dict: dict, tmp: Path, epochs: int) -> dict:
 
 
 def train_history(uri: str, run_id: str, storage_dir: Path) -> dict:
+    """Per-epoch samples/s, epoch time and report time. The report times are the checkpoint folders'
+    stamps while every epoch's checkpoint is there (``qksweep train`` keeps them all here); a sweep
+    keeps only each trial's best and last once it ends, and then they are the MLflow timestamps of
+    the epochs' metrics, which a trial in its own process (the default launcher) logs as each report
+    persists (within a millisecond of the folder's stamp; on Ray Train the controller logs them, up
+    to a health-check interval later)."""
     sps = [v for _, v, _ in metric_history(uri, run_id, "samples_per_s")]
-    ept = [v for _, v, _ in metric_history(uri, run_id, "epoch_time_s")]
-    return {"samples_per_s": sps, "epoch_time_s": ept, "report_times": checkpoint_times(storage_dir)}
+    ept_hist = metric_history(uri, run_id, "epoch_time_s")
+    ept = [v for _, v, _ in ept_hist]
+    times, source = checkpoint_times(storage_dir), "checkpoint_folders"
+    if len(times) < len(ept):
+        times, source = [ts / 1000 for _, _, ts in ept_hist], "mlflow_metric_timestamps"
+    return {"samples_per_s": sps, "epoch_time_s": ept, "report_times": times, "report_times_source": source}
 
 
 def steady(xs: list[float]) -> list[float]:
@@ -390,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep_cfg = with_overrides(base, **common)
     sweep_cfg["sweep"] = {**sweep_cfg["sweep"], "num_samples": 1, "scheduler": {"name": "none"},
                           "space": {"optim.lr": {"choice": [base["optim"]["lr"]]}}}
+    launcher = api.resolve(sweep_cfg).trial_launcher()
     t_call = time.time()
     sres = api.sweep(sweep_cfg, name=f"bench-sweep-{time.strftime('%H%M%S')}")
     trial = tune_trials(Path(sres.storage_path))[0]
@@ -451,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_between_epochs_s": ray_per - ray_ept,
             "sweep_samples_per_s": sweep_sps, "sweep_epoch_period_s": sweep_per,
             "train_startup_s": median(train_starts),
+            "trial_launcher": launcher,
             "ray_init_s": ray_init_s,
             "trial_startup_breakdown": {
                 "sweep_call_to_trial_running_s": (tstart - t_call) if tstart else None,

@@ -174,8 +174,10 @@ def test_imagefolder_loads_with_val_aliases(tmp_path, val_name):
     assert not b.in_memory and b.num_classes == 3 and b.class_names == ["cat", "dog", "fox"]
     assert len(b.train) == 12 and len(b.val) == 12
     x, y = b.train[0]
-    assert x.shape == (3, 24, 24) and y == 0
-    assert b.val[5][0].shape == (3, 24, 24)
+    # train samples stay uint8 (the loader workers' part); the bundle's batch transform does the rest
+    assert x.shape == (3, 24, 24) and x.dtype == torch.uint8 and y == 0
+    assert b.train_batch_transform(x[None]).dtype == torch.float32
+    assert b.val[5][0].shape == (3, 24, 24) and b.val[5][0].dtype == torch.float32
     assert b.mean == (0.485, 0.456, 0.406)
 
 
@@ -188,6 +190,29 @@ def test_imagefolder_augment_and_eval_transform(tmp_path):
     tf = eval_transform(c, b.mean, b.std)
     for mode in ("L", "RGBA", "RGB"):
         assert tf(Image.new(mode, (50, 70))).shape == (3, 32, 32)
+
+
+def test_batch_normalize_matches_the_per_image_pipeline():
+    # what the workers no longer do per image (ToTensor, Normalize), done once per batch, gives the same
+    # numbers; random erasing then changes some of them, drawn where the batch is
+    from torchvision import transforms
+
+    from qksweep.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
+    from qksweep.data.transforms import BatchNormalize
+
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for _ in range(4)]
+    ref = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    want = torch.stack([ref(im) for im in imgs])
+    batch = torch.stack([transforms.functional.pil_to_tensor(im) for im in imgs])
+    got = BatchNormalize(IMAGENET_MEAN, IMAGENET_STD)(batch)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5)
+    torch.manual_seed(0)
+    erased = BatchNormalize(IMAGENET_MEAN, IMAGENET_STD, re_prob=1.0, re_mode="pixel")(batch)
+    changed = (erased != want).flatten(1).any(1)
+    assert changed.all() and not (erased != want).all()
+    with pytest.raises(TypeError, match="uint8"):
+        BatchNormalize(IMAGENET_MEAN, IMAGENET_STD)(want)
 
 
 def test_imagefolder_errors(tmp_path):
@@ -495,4 +520,5 @@ def test_file_backed_batches_outside_ray_train_come_on_the_device(tmp_path):
     assert isinstance(train, LoaderBatches) and train.device == torch.device("cpu")
     x, y = next(iter(train))
     assert x.shape == (4, 3, 16, 16) and x.device.type == "cpu" and y.dtype == torch.long
+    assert x.dtype == torch.float32 and -3 < x.mean() < 3  # normalised by the bundle's batch transform
     assert sum(len(yb) for _, yb in val) == len(bundle.val)

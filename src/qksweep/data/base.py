@@ -45,6 +45,10 @@ class DataBundle:
     in_memory: bool
     # event-camera data: frames per sample (the model runs one time step per frame); None for images
     frames: int | None = None
+    # file-backed data whose train samples are uint8 [C,H,W] (ImageFolder): what turns a batch of them
+    # into the model's input where the batch lands (transforms.BatchNormalize); None when train
+    # samples are ready as they are
+    train_batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class DataOptions(DataConfig):

@@ -13,7 +13,7 @@ import numpy as np
 from torch.utils.data import Subset
 
 from .base import DataBundle, DataError, DataOptions, balanced_indices, check_num_classes, register_dataset
-from .transforms import timm_eval_transform, timm_train_transform
+from .transforms import BatchNormalize, timm_eval_transform, timm_train_transform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # == timm.data.IMAGENET_DEFAULT_MEAN
 IMAGENET_STD = (0.229, 0.224, 0.225)  # == timm.data.IMAGENET_DEFAULT_STD
@@ -134,11 +134,15 @@ def build_imagefolder(opts: DataOptions, seed: int = 0) -> DataBundle:
     """ImageFolder train/val with timm transforms (RandomResizedCrop + flip + aa +
     RandomErasing for train; Resize + CenterCrop(crop_pct 0.875) for val) and
     ImageNet mean/std.  train_size/val_size optionally cap each split to a
-    class-balanced subset (split_seed).  `seed` is unused."""
+    class-balanced subset (split_seed).  `seed` is unused.
+
+    Train samples are uint8 [3,H,W] (decoded, cropped, flipped, augmented: the loader workers' part);
+    the bundle's ``train_batch_transform`` normalises and erases each batch where it lands, as timm's
+    prefetching loader does."""
     from torchvision.datasets import ImageFolder
 
     train_dir, val_dir, _ = resolve_layout(opts)
-    train = ImageFolder(str(train_dir), transform=timm_train_transform(opts, IMAGENET_MEAN, IMAGENET_STD))
+    train = ImageFolder(str(train_dir), transform=timm_train_transform(opts, IMAGENET_MEAN, IMAGENET_STD, uint8=True))
     val = ImageFolder(str(val_dir), transform=timm_eval_transform(opts, IMAGENET_MEAN, IMAGENET_STD))
     return DataBundle(
         train=_maybe_subset(train, opts.train_size, opts.split_seed),
@@ -149,4 +153,5 @@ def build_imagefolder(opts: DataOptions, seed: int = 0) -> DataBundle:
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         in_memory=False,
+        train_batch_transform=BatchNormalize(IMAGENET_MEAN, IMAGENET_STD, opts.reprob, opts.remode),
     )

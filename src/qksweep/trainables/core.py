@@ -112,10 +112,12 @@ class TensorBatches:
 
 class LoaderBatches:
     """A DataLoader prepared by Ray Train (DistributedSampler, device transfer), or, outside Ray Train
-    (a one-worker trial in its own process), one whose batches this moves to ``device``."""
+    (a one-worker trial in its own process), one whose batches this moves to ``device``. ``transform``
+    (the bundle's ``train_batch_transform``) then runs on each batch's inputs on that device."""
 
-    def __init__(self, loader, device: torch.device | None = None):
-        self.loader, self.device = loader, device
+    def __init__(self, loader, device: torch.device | None = None,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.loader, self.device, self.transform = loader, device, transform
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -127,9 +129,14 @@ class LoaderBatches:
 
     def __iter__(self):
         if self.device is None:
-            return iter(self.loader)
-        nb = self.device.type == "cuda"
-        return ((x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)) for x, y in self.loader)
+            batches = iter(self.loader)
+        else:
+            nb = self.device.type == "cuda"
+            batches = ((x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb))
+                       for x, y in self.loader)
+        if self.transform is None:
+            return batches
+        return ((self.transform(x), y) for x, y in batches)
 
 
 def build_batches(cfg: Config, bundle: DataBundle, *, rank: int, world: int, device: torch.device,
@@ -150,10 +157,11 @@ def build_batches(cfg: Config, bundle: DataBundle, *, rank: int, world: int, dev
                        pin_memory=pin, persistent_workers=nw > 0)
     val = DataLoader(bundle.val, batch_size=ebs, shuffle=False, num_workers=nw, pin_memory=pin,
                      persistent_workers=nw > 0)
+    tf = bundle.train_batch_transform
     if not ray_train:
-        return LoaderBatches(train, device), LoaderBatches(val, device)
+        return LoaderBatches(train, device, tf), LoaderBatches(val, device)
     prep = ray.train.torch.prepare_data_loader
-    return LoaderBatches(prep(train)), LoaderBatches(prep(val, add_dist_sampler=world > 1))
+    return LoaderBatches(prep(train), transform=tf), LoaderBatches(prep(val, add_dist_sampler=world > 1))
 
 
 def all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
