@@ -163,3 +163,19 @@ def test_a_stop_on_the_rung_metric_names_it_and_its_value(tmp_path):
     s.stop()
     assert out.getvalue().splitlines()[-1] == ("trial a1 stopped by asha at epoch 2/12: not in the best 1/3 of its rung "
                                                "by val/loss (val/loss 2.2903, val/top1 0.1142)")
+
+
+def test_a_trial_tune_listed_as_pending_first_still_gets_its_started_line(tmp_path):
+    """Tune's step-end hands over every trial, pending ones too, before their start event: the row exists
+    early, the "started" line must still come (CI once lost it this way)."""
+    s, out = make(tmp_path)
+    a = trial("a1")
+    a.status = "PENDING"
+    s.sync([a])
+    a.status = "RUNNING"
+    s.trial_started(a)
+    s.trial_started(a)  # going on with the same values (a retry, PBT's turn): no second line
+    a.config = {"optim.lr": 0.01, "model.depth": 2}
+    s.trial_started(a)
+    assert out.getvalue().splitlines() == ["trial a1 started: optim.lr=0.00123  model.depth=2",
+                                           "trial a1 goes on from epoch 0 with optim.lr=0.01  model.depth=2"]

@@ -61,6 +61,7 @@ class Row:
     metric: float | None = None
     best: float | None = None
     note: str = ""
+    announced: bool = False  # its "started" line is out (a row can exist earlier: Tune lists pending trials)
 
 
 class Session:
@@ -131,8 +132,8 @@ class Session:
     def trial_started(self, trial) -> None:
         """A line when a trial starts, and when it starts again with other values (PBT copied another trial
         and changed them); a trial that only goes on (a retry, PBT's turn-taking) gets its row back."""
-        known = trial.trial_id in self.rows
         r = self.row(trial)
+        known, r.announced = r.announced, True
         r.status = "RUNNING"
         config = getattr(trial, "config", None) or {}
         values = {k: config[k] for k in self.searched if k in config}
