@@ -85,15 +85,16 @@ def _checkpoints(results):
 
 
 @pytest.mark.slow
-def test_a_pbt_sweep_copies_checkpoints_logs_the_new_values_and_survives_a_killed_driver(ray_session, workdir):
+def test_a_pbt_sweep_copies_checkpoints_logs_the_new_values_and_survives_a_killed_driver(workdir):
+    """Sweep and resume each start their own local Ray, not the session's: Ray 2.60 now and then keeps one
+    CPU of a PBT sweep's many pause-and-restart placement groups after the sweep (no actor, no group left:
+    see DEVELOPERS.md), and in the session's Ray that CPU would starve every later test."""
     from mlflow.tracking import MlflowClient
-
-    from qksweep import api
 
     cfg = pbt_config(workdir)  # synch (the default): every trial meets the others at each epoch, copies happen
     cfg["sweep"]["space"] = {"optim.lr": {"loguniform": [1e-4, 3e-2]}}
     (workdir / "pbt.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen([sys.executable, "-m", "qksweep.cli", "sweep", "pbt.yaml", "--name", "pbt"], cwd=workdir,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
@@ -106,7 +107,9 @@ def test_a_pbt_sweep_copies_checkpoints_logs_the_new_values_and_survives_a_kille
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     time.sleep(3)
-    api.resume("pbt", storage=str(workdir / "results"))
+    done = subprocess.run([sys.executable, "-m", "qksweep.cli", "resume", "pbt", "--storage", str(workdir / "results")],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
     c = MlflowClient(cfg["tracking"]["uri"])
     exp = c.get_experiment_by_name("test").experiment_id
