@@ -50,7 +50,9 @@ def cmd_train(args) -> int:
 
 def print_sweep_result(res) -> None:
     m = res.best_metrics
-    print(f"\nbest trial {res.best_trial_id}: val/top1 {m.get('val/top1', float('nan')):.4f} at epoch {m.get('epoch')}")
+    epoch = m.get("epoch")
+    epoch = int(epoch) if isinstance(epoch, float) and epoch.is_integer() else epoch  # MLflow keeps floats
+    print(f"\nbest trial {res.best_trial_id}: val/top1 {m.get('val/top1', float('nan')):.4f} at epoch {epoch}")
     for k, v in sorted((m.get("searched") or {}).items()):
         print(f"  {k} = {v}")
     print(f"  MLflow run {res.best_run_id} (sweep parent {res.parent_run_id})")
